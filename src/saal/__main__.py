@@ -1,0 +1,5 @@
+import sys
+
+from saal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The one interface every acquisition function implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from torch import nn
+
+from saal.errors import SaalError
+from saal.inference import preserved
+from saal.pool import Pool
+from saal.seeding import as_generator
+
+if TYPE_CHECKING:
+    from saal.training import TrainingHook
+
+
+@dataclass
+class Selection:
+    """What a strategy chose, and why.
+
+    Attributes:
+        indices: the chosen dataset indices, in the order they were picked.
+        scored_indices: every dataset index the strategy scored this round.
+        scores: the score of each of ``scored_indices`` (same order); what the score means is
+            in the strategy's docstring. Empty for strategies that score nothing.
+    """
+
+    indices: np.ndarray
+    scored_indices: np.ndarray
+    scores: np.ndarray
+
+
+class Strategy(ABC):
+    """An acquisition function: ``select(model, pool, k, generator) -> Selection``.
+
+    Args:
+        batch_size: how many pool items are scored at once; scores never depend on it.
+        subset: score only a seeded uniform random subset of this many unlabelled items
+            (the reference protocol's pool subset); ``None`` scores the whole pool.
+
+    Subclasses implement :meth:`query` on the candidate indices. The model is in eval mode
+    inside :meth:`query`, and everything about it (modes, weights, gradients, buffers) is
+    restored afterwards.
+    """
+
+    name: ClassVar[str] = "strategy"
+
+    def __init__(self, *, batch_size: int = 256, subset: int | None = None) -> None:
+        if batch_size < 1:
+            raise SaalError(f"batch_size must be at least 1, got {batch_size}")
+        if subset is not None and subset < 1:
+            raise SaalError(f"subset must be a positive number of items or None, got {subset}")
+        self.batch_size = int(batch_size)
+        self.subset = None if subset is None else int(subset)
+
+    def select(
+        self,
+        model: nn.Module,
+        pool: Pool,
+        k: int,
+        generator: np.random.Generator | int | None = None,
+    ) -> Selection:
+        """Choose ``k`` unlabelled dataset indices to label next.
+
+        Args:
+            model: the current model (left exactly as it was found).
+            pool: the labelled / unlabelled state.
+            k: how many to choose.
+            generator: numpy generator or seed; the same one gives the same choice.
+
+        Returns:
+            The :class:`Selection`: chosen indices and the scores behind them.
+
+        Raises:
+            SaalError: if ``k`` is not in ``1 .. number of candidates``.
+        """
+        rng = as_generator(generator)
+        candidates = self.candidates(pool, k, rng)
+        with preserved(model):
+            sel = self.query(model, pool, candidates, int(k), rng)
+        chosen = np.asarray(sel.indices, dtype=np.int64)
+        if len(chosen) != k or len(np.unique(chosen)) != k or pool.is_labelled(chosen).any():
+            raise RuntimeError(f"{self.name} returned an invalid selection: {chosen[:10]}...")  # a bug, not input
+        return Selection(chosen, np.asarray(sel.scored_indices, dtype=np.int64), np.asarray(sel.scores))
+
+    def candidates(self, pool: Pool, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Return the unlabelled indices to score: all of them, or a seeded random subset."""
+        unlabelled = pool.unlabelled_indices()
+        if k < 1:
+            raise SaalError(f"query size must be at least 1, got {k}")
+        if k > len(unlabelled):
+            raise SaalError(f"query size {k} is larger than the unlabelled pool ({len(unlabelled)} items); query fewer")
+        if self.subset is not None and self.subset < len(unlabelled):
+            if k > self.subset:
+                raise SaalError(f"query size {k} is larger than the pool subset {self.subset}; raise subset")
+            return np.sort(rng.choice(unlabelled, size=self.subset, replace=False))
+        return unlabelled
+
+    @abstractmethod
+    def query(
+        self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
+    ) -> Selection:
+        """Choose ``k`` of ``candidates`` (sorted unlabelled dataset indices)."""
+
+    def training_hook(self) -> TrainingHook | None:
+        """Return a hook that trains something of the strategy's own beside the model, or None."""
+        return None
+
+    def state_dict(self) -> dict:
+        """Return what the strategy learned across rounds (for resuming a run); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        del state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_size={self.batch_size}, subset={self.subset})"
+
+
+class ScoreStrategy(Strategy):
+    """A strategy that scores each candidate and takes the top ``k``.
+
+    ``ascending = True`` takes the smallest scores instead. Ties go to the smaller dataset index.
+    """
+
+    ascending: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, model: nn.Module, pool: Pool, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Return one score per candidate (same order)."""
+
+    def query(
+        self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
+    ) -> Selection:
+        scores = np.asarray(self.score(model, pool, candidates, rng), dtype=np.float64)
+        return Selection(candidates[top_k(scores, k, ascending=self.ascending)], candidates, scores)
+
+
+def top_k(scores: np.ndarray, k: int, *, ascending: bool = False) -> np.ndarray:
+    """Return the positions of the ``k`` largest (or smallest) scores, best first, ties by position."""
+    key = scores if ascending else -scores
+    key = np.where(np.isnan(key), np.inf, key)
+    return np.lexsort((np.arange(len(scores)), key))[:k]

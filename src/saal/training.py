@@ -1,0 +1,195 @@
+"""Fitting a model on the labelled set and measuring test accuracy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from saal.batching import input_batches, labelled_batches
+from saal.errors import SaalError
+from saal.inference import model_device, preserved
+from saal.sam import SAM
+
+OPTIMIZERS = ("adam", "sgd", "sam")
+
+
+@dataclass
+class TrainConfig:
+    """How the model is trained each round.
+
+    Attributes:
+        optimizer: ``adam``, ``sgd`` or ``sam`` (SAM around SGD with ``momentum``).
+        lr, momentum, weight_decay: optimiser settings (momentum is for sgd and sam).
+        epochs: passes over the labelled set per round.
+        batch_size: training batch size.
+        augment: random crop (pad 4) and horizontal flip on each training batch.
+        sam_rho: SAM's radius.
+    """
+
+    optimizer: Literal["adam", "sgd", "sam"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 50
+    batch_size: int = 64
+    augment: bool = False
+    sam_rho: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SaalError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise SaalError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "momentum", "weight_decay", "sam_rho"):
+            if getattr(self, key) < 0:
+                raise SaalError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.lr == 0:
+            raise SaalError("lr must be > 0")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class TrainingHook(Protocol):
+    """Something a strategy trains beside the model (e.g. LL4AL's loss-prediction module).
+
+    The training loop calls :meth:`start` before the first epoch (register forward hooks,
+    return the extra parameters to optimise with the model's optimiser), :meth:`loss` on every
+    batch (an extra loss term to add), and :meth:`end` after the last epoch.
+    """
+
+    def start(self, model: nn.Module, epochs: int) -> list[nn.Parameter]: ...
+
+    def loss(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        logits: torch.Tensor,
+        per_sample_loss: torch.Tensor,
+        epoch: int,
+    ) -> torch.Tensor | None: ...
+
+    def end(self, model: nn.Module) -> None: ...
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """Return the optimiser ``config`` names over ``params``."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return SAM(
+        params,
+        torch.optim.SGD,
+        rho=config.sam_rho,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero-padding by ``pad`` and random horizontal flip, per image."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+@dataclass
+class FitResult:
+    """What one call of :func:`fit` did: seconds spent, the last epoch's mean loss, and the
+    optimiser's final state (to continue with when warm-starting)."""
+
+    seconds: float
+    final_loss: float
+    optimizer_state: dict
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    config: TrainConfig,
+    generator: torch.Generator,
+    hook: TrainingHook | None = None,
+    optimizer_state: dict | None = None,
+) -> FitResult:
+    """Train ``model`` on ``dataset[indices]`` with the given ``labels``.
+
+    Args:
+        generator: drives shuffling and augmentation (the same one gives the same training).
+        hook: an extra trainable part (see :class:`TrainingHook`).
+        optimizer_state: an optimiser state from an earlier :func:`fit` to continue from
+            (warm start); a fresh optimiser otherwise.
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    start = time.perf_counter()
+    device = model_device(model)
+    extra = hook.start(model, config.epochs) if hook is not None else []
+    optimizer = make_optimizer([*model.parameters(), *extra], config)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    model.train()
+    epoch_loss = float("nan")
+    for epoch in range(config.epochs):
+        total, count = 0.0, 0
+        for x, y in labelled_batches(dataset, indices, labels, config.batch_size, generator):
+            if config.augment:
+                x = augment_batch(x, generator)
+            x, y = x.to(device), y.to(device)
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y, epoch: int = epoch) -> torch.Tensor:
+                logits = model(x)
+                per_sample = F.cross_entropy(logits, y, reduction="none")
+                loss = per_sample.mean()
+                if hook is not None:
+                    extra_loss = hook.loss(model, x, y, logits, per_sample, epoch)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss
+                loss.backward()
+                return loss
+
+            optimizer.zero_grad()
+            if isinstance(optimizer, SAM):
+                loss = optimizer.step(closure)
+            else:
+                loss = closure()
+                optimizer.step()
+            total += float(loss) * len(y)
+            count += len(y)
+        epoch_loss = total / max(count, 1)
+    if hook is not None:
+        hook.end(model)
+    model.eval()
+    return FitResult(time.perf_counter() - start, epoch_loss, optimizer.state_dict())
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
+    """Return the accuracy of ``model`` (eval mode) on every item of ``dataset``, in [0, 1]."""
+    targets = np.asarray(getattr(dataset, "targets", [dataset[i][1] for i in range(len(dataset))]))  # type: ignore[arg-type]
+    correct = 0
+    device = model_device(model)
+    with preserved(model), torch.no_grad():
+        for idx, x in input_batches(dataset, np.arange(len(targets)), batch_size):
+            pred = model(x.to(device)).argmax(1).cpu().numpy()
+            correct += int((pred == targets[idx]).sum())
+    return correct / max(len(targets), 1)
