@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from saal.errors import SaalError
 
 DEFAULT_OUT = "runs/default"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2), like every saal error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _seeds(text: str) -> list[int]:
@@ -147,7 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``saal`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="saal",
         description="Sharpness-Aware Active Learning and its baselines: run, score, analyse and report.",
     )

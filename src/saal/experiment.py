@@ -3,6 +3,14 @@
 One *run* is one (strategy, seed). Its folder holds ``config.json`` (the resolved settings),
 ``rounds.csv`` and ``rounds.json`` (one row per round), ``checkpoint.pt`` (everything needed to
 continue, written atomically after every round) and, when finished, ``model.pt``.
+
+Resume: after each round (training, evaluation, acquisition and labelling) the run writes
+``rounds.json``/``rounds.csv`` (and ``model.pt`` after the last round), then ``checkpoint.pt``
+last: the checkpoint is the commit point. It holds the model, the optimiser state (warm start),
+the pool, the train generator and the acquisition generator, the strategy's own state and the
+results so far. Every round re-seeds the global torch, numpy and ``random`` generators from the
+train generator, so a run killed at any moment and started again continues from the last
+committed round and produces the same chosen indices and accuracies as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -90,9 +99,20 @@ class RoundResult:
 def seed_streams(seed: int) -> dict[str, int]:
     """Return independent seeds for the initial set, model initialisation, training and acquisition.
 
+    The four streams are children of ``numpy.random.SeedSequence(seed)``:
+
+    - ``initial``: draws the initial labelled set;
+    - ``model``: the initial weights (and a strategy's own modules when it is built);
+    - ``train``: shuffling, augmentation, dropout (re-seeds the global generators each round);
+    - ``acquire``: the strategy's random choices (pool subset, sampling).
+
     The initial set and the initial weights depend only on ``seed``, so every strategy run with
-    the same seed starts from the same labelled set and the same weights (paired comparison),
-    and the two are drawn from separate streams (Ji et al. 2023).
+    the same seed starts from the same labelled set and the same weights (a paired comparison),
+    and they come from separate streams (Ji et al. 2023), so changing how one is drawn does not
+    change the other.
+
+    Returns:
+        ``{"initial": int, "model": int, "train": int, "acquire": int}``.
     """
     children = np.random.SeedSequence(seed).spawn(4)
     names = ("initial", "model", "train", "acquire")
@@ -133,12 +153,17 @@ class ActiveLearningRun:
     ) -> None:
         self.config = config
         self.spec = strategy if isinstance(strategy, str) else strategy.name
-        self.strategy = build_strategy(strategy, subset=config.subset, batch_size=config.score_batch_size)
         self.seed = int(seed)
+        self.streams = seed_streams(self.seed)
+        # A strategy that builds modules of its own when constructed must not depend on what ran
+        # before it in this process (nor differ in a resumed process): build it under a fixed seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.streams["model"] ^ 0x5EED)
+            self.strategy = build_strategy(strategy, subset=config.subset, batch_size=config.score_batch_size)
         self.folder = Path(folder) if folder is not None else None
         self.bundle = bundle if bundle is not None else load_dataset(config.dataset, config.data_dir)
-        self.streams = seed_streams(self.seed)
         self.device = torch.device(config.device)
+        self._prepared = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams["model"])
             base = build_model(
@@ -198,9 +223,13 @@ class ActiveLearningRun:
         cfg = self.config
         if cfg.reinit:
             self.model.load_state_dict(self.initial_state)
-        # Global torch randomness (dropout) is re-seeded from the run's own stream every round,
-        # so that a resumed run draws exactly what an uninterrupted one would.
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.train_generator)))
+        # Global randomness (dropout, and any library that draws from the global generators) is
+        # re-seeded from the run's own stream every round, so that a resumed run draws exactly
+        # what an uninterrupted one would.
+        round_seed = int(torch.randint(0, 2**62, (1,), generator=self.train_generator))
+        torch.manual_seed(round_seed)
+        np.random.seed(round_seed % 2**32)
+        random.seed(round_seed)
         labelled = self.pool.labelled_indices()
         fitted = fit(
             self.model,
@@ -227,6 +256,29 @@ class ActiveLearningRun:
 
     # -- files --------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
+        """Check the folder holds this run (or nothing), and load its checkpoint; once per object.
+
+        Raises:
+            SaalError: the folder holds a run with other settings, or an unreadable file.
+        """
+        assert self.folder is not None
+        if self._prepared:
+            return
+        if self.check_folder():
+            if (self.folder / "checkpoint.pt").exists():
+                self._load()
+                self._write_rounds()
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.folder / "config.json", json.dumps(self.describe(), indent=2))
+        self._prepared = True
+
+    def check_folder(self) -> bool:
+        """Return whether the run folder already holds this run's ``config.json``; write nothing.
+
+        Raises:
+            SaalError: the folder holds a run with other settings, or an unreadable config.
+        """
         assert self.folder is not None
         cfg_path = self.folder / "config.json"
         mine = json.loads(json.dumps(self.describe()))
@@ -235,20 +287,35 @@ class ActiveLearningRun:
                 theirs = json.loads(cfg_path.read_text())
             except (OSError, json.JSONDecodeError):
                 raise SaalError(f"{cfg_path} is unreadable; delete {self.folder} or choose another --out") from None
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "device")
-            if diff:
+            if not isinstance(theirs, dict):
+                raise SaalError(f"{cfg_path} is not a run's config; delete {self.folder} or choose another --out")
+            key = _first_difference(theirs, mine, ignore=RESUME_IGNORED)
+            if key is not None:
                 raise SaalError(
-                    f"{self.folder} holds a different run ({diff[0]}: {theirs.get(diff[0])!r} there, "
-                    f"{mine.get(diff[0])!r} now); choose another --out or delete that folder"
+                    f"{self.folder} holds a different run ({key}: {_lookup(theirs, key)!r} there, "
+                    f"{_lookup(mine, key)!r} now); choose another --out or delete that folder"
                 )
-            if (self.folder / "checkpoint.pt").exists():
-                self._load()
+            return True
+        return False
+
+    def _write_rounds(self) -> None:
+        """Write ``rounds.json`` / ``rounds.csv`` from the results (unless they already say the same)."""
+        assert self.folder is not None
+        rows = [asdict(r) for r in self.results]
+        text = json.dumps(rows, indent=1)
+        path = self.folder / "rounds.json"
+        if path.exists() and path.read_text() == text:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(cfg_path, json.dumps(mine, indent=2))
+        _atomic_write_text(path, text)
+        _atomic_write_text(self.folder / "rounds.csv", _rounds_csv(rows))
 
     def _save(self) -> None:
+        # The checkpoint is written last: it is the commit point. A kill before it leaves files
+        # one round ahead of the checkpoint; the resumed run recomputes that round identically.
         assert self.folder is not None
+        self._write_rounds()
+        if self.finished:
+            _atomic_torch_save(self.model.state_dict(), self.folder / "model.pt")
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer_state,
@@ -259,11 +326,6 @@ class ActiveLearningRun:
             "results": [asdict(r) for r in self.results],
         }
         _atomic_torch_save(state, self.folder / "checkpoint.pt")
-        rows = [asdict(r) for r in self.results]
-        _atomic_write_text(self.folder / "rounds.json", json.dumps(rows, indent=1))
-        _atomic_write_text(self.folder / "rounds.csv", _rounds_csv(rows))
-        if self.finished:
-            _atomic_torch_save(self.model.state_dict(), self.folder / "model.pt")
 
     def _load(self) -> None:
         assert self.folder is not None
@@ -281,6 +343,29 @@ class ActiveLearningRun:
             raise
         except Exception as exc:  # a truncated or foreign file
             raise SaalError(f"{path} is corrupt ({type(exc).__name__}); delete it to restart that run") from None
+
+
+# Settings that may change between a run and its resumption: they do not change its results.
+RESUME_IGNORED = frozenset({"device", "data_dir"})
+
+
+def _first_difference(a: Any, b: Any, ignore: frozenset[str] = frozenset(), prefix: str = "") -> str | None:
+    """Return the dotted key of the first difference between two JSON-like dicts (None if equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key in ignore:
+                continue
+            found = _first_difference(a.get(key), b.get(key), ignore, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _rounds_csv(rows: list[dict[str, Any]]) -> str:
@@ -360,6 +445,7 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
     for s in spec.strategies:
         build_strategy(s)
     cfg = spec.run
+    build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     n = len(bundle.train)
     if cfg.initial > n:
         raise SaalError(f"initial set {cfg.initial} is larger than the {n}-item pool; choose a smaller --initial")
@@ -381,8 +467,28 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
         for seed in spec.seeds:
             folder = run_folder(spec.out, s, seed)
             if (folder / "config.json").exists():
-                # Constructing the run compares the stored config with this one and raises on a mismatch.
-                ActiveLearningRun(cfg, s, seed, folder, bundle=bundle)._prepare_folder()
+                ActiveLearningRun(cfg, s, seed, folder, bundle=bundle).check_folder()
+    _check_experiment_file(spec)
+
+
+def _check_experiment_file(spec: ExperimentSpec) -> None:
+    """Refuse an output folder whose ``experiment.json`` records another protocol (``run`` settings)."""
+    path = Path(spec.out) / "experiment.json"
+    if not path.exists():
+        return
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise SaalError(f"{path} is unreadable; delete it or choose another --out") from None
+    mine = json.loads(json.dumps(spec.to_dict()))
+    key = _first_difference(
+        theirs.get("run") if isinstance(theirs, dict) else None, mine["run"], ignore=RESUME_IGNORED, prefix="run."
+    )
+    if key is not None:
+        raise SaalError(
+            f"{spec.out} holds a different run protocol ({key}: {_lookup(theirs, key)!r} there, "
+            f"{_lookup(mine, key)!r} now); choose another --out or delete that folder"
+        )
 
 
 def run_grid(

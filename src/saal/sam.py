@@ -67,3 +67,12 @@ class SAM(torch.optim.Optimizer):
             closure()
         self.second_step()
         return loss
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """Return the base optimiser's state (momentum buffers live there, not in SAM's own state)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore a state from :meth:`state_dict` (into the base optimiser, which SAM shares groups with)."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups

@@ -174,7 +174,7 @@ def fit(
             else:
                 loss = closure()
                 optimizer.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             count += len(y)
         epoch_loss = total / max(count, 1)
     if hook is not None:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from saal.errors import SaalError
+
 
 class ArrayDataset(Dataset):
     """An in-memory dataset of ready, normalised input tensors and integer targets.
@@ -73,3 +75,74 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
     return (images - m) / s
+
+
+def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Return ``images`` as a float32 tensor: uint8 pixels scaled to [0, 1], floats copied unchanged."""
+    if isinstance(images, np.ndarray):
+        t = torch.from_numpy(images.astype(np.float32))  # a fresh, writable copy
+        return t.div_(255.0) if images.dtype == np.uint8 else t
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32, copy=True)
+
+
+def channel_mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the per-channel (dim 1) mean and standard deviation of an ``N x C [x H x W]`` float tensor.
+
+    Accumulated in float64 over chunks of items so that large sets need little extra memory. A channel
+    with no spread gets std 1.0, so that normalising it never divides by zero.
+    """
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    dims = [0, *range(2, images.dim())]
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].to(torch.float64)
+        total += part.sum(dim=dims)
+        squares += part.square().sum(dim=dims)
+    count = images.numel() // c
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def normalise_(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Normalise an ``N x C x H x W`` or ``N x D`` float tensor in place per channel (feature); return it."""
+    shape = (1, -1) + (1,) * (images.dim() - 2)
+    images.sub_(torch.tensor(mean, dtype=images.dtype).view(shape))
+    images.div_(torch.tensor(std, dtype=images.dtype).view(shape))
+    return images
+
+
+def stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split item indices into train and test, class by class, reproducibly.
+
+    Each class sends ``round(test_fraction * n_class)`` of its items, drawn with a generator seeded by
+    ``seed``, to the test split, but always keeps at least one item for training (so a class of one
+    item has no test item).
+
+    Returns:
+        ``(train_indices, test_indices)``, each sorted ascending.
+
+    Raises:
+        SaalError: ``test_fraction`` is not strictly between 0 and 1, or no item lands in the test split.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise SaalError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    targets = np.asarray(targets).reshape(-1)
+    rng = np.random.default_rng(seed)
+    test: list[np.ndarray] = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        n_test = min(round(test_fraction * len(members)), len(members) - 1)
+        test.append(rng.permutation(members)[:n_test])
+    test_idx = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    if len(test_idx) == 0:
+        raise SaalError(
+            f"a test fraction of {test_fraction} of {len(targets)} items leaves no test item; "
+            "add items or raise test_fraction"
+        )
+    train_idx = np.setdiff1d(np.arange(len(targets)), test_idx)
+    return train_idx.astype(np.int64), test_idx.astype(np.int64)

@@ -1,0 +1,133 @@
+"""Integration tests of whole runs on digits, and of the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saal.cli import main
+from saal.experiment import ActiveLearningRun, ExperimentSpec, RunConfig, run_grid
+from saal.training import TrainConfig
+
+TINY = dict(initial=20, query=10, rounds=2, train=TrainConfig(epochs=5, batch_size=32))
+
+
+def test_two_round_run_on_digits(digits, tmp_path: Path) -> None:
+    run = ActiveLearningRun(RunConfig(**TINY), "entropy", seed=3, folder=tmp_path / "r", bundle=digits)
+    results = run.run()
+    assert [r.round for r in results] == [0, 1, 2]
+    assert [r.labelled for r in results] == [20, 30, 40]
+    assert [len(r.chosen) for r in results] == [10, 10, 0]
+    chosen = results[0].chosen + results[1].chosen
+    assert len(set(chosen)) == 20
+    assert all(0.0 <= r.accuracy <= 1.0 for r in results)
+    assert run.pool.round_labelled(results[1].chosen).tolist() == [2] * 10
+    for name in ("config.json", "rounds.csv", "rounds.json", "checkpoint.pt", "model.pt"):
+        assert (tmp_path / "r" / name).is_file()
+    header = (tmp_path / "r" / "rounds.csv").read_text().splitlines()[0]
+    assert header == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen"
+
+
+def test_same_seed_same_indices_and_accuracies(digits) -> None:
+    def once(seed: int) -> list[tuple[float, list[int]]]:
+        run = ActiveLearningRun(RunConfig(**TINY), "entropy", seed=seed, bundle=digits)
+        return [(r.accuracy, r.chosen) for r in run.run()]
+
+    assert once(5) == once(5)
+    assert once(5) != once(6)
+
+
+def test_strategies_with_the_same_seed_share_initial_set_and_weights(digits) -> None:
+    a = ActiveLearningRun(RunConfig(**TINY), "random", seed=1, bundle=digits)
+    b = ActiveLearningRun(RunConfig(**TINY), "entropy", seed=1, bundle=digits)
+    ra, rb = a.run(), b.run()
+    assert ra[0].accuracy == rb[0].accuracy
+    assert np.array_equal(a.pool.round_labelled(a.pool.labelled_indices()) == 0,
+                          b.pool.round_labelled(a.pool.labelled_indices()) == 0)  # fmt: skip
+
+
+def test_accuracy_rises_with_labels(digits, tmp_path: Path) -> None:
+    spec = ExperimentSpec(
+        run=RunConfig(initial=20, query=40, rounds=3, train=TrainConfig(epochs=30, batch_size=16)),
+        strategies=["random"],
+        seeds=[0, 1],
+        out=str(tmp_path),
+    )
+    rows = run_grid(spec, digits)
+    first = np.mean([r["accuracy"] for r in rows if r["round"] == 0])
+    last = np.mean([r["accuracy"] for r in rows if r["round"] == 3])
+    assert last > first + 0.05
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "experiment.json").is_file()
+
+
+def test_cli_run_writes_results_and_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["run", "--strategies", "random,entropy", "--seeds", "2", "--rounds", "1", "--epochs", "2", "--query",
+            "5", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "random" in text and "entropy" in text and "results:" in text
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * 2 * 2
+    # the same command again finds finished runs and changes nothing
+    before = (out / "random" / "seed-0" / "rounds.json").read_text()
+    assert main(args) == 0
+    assert (out / "random" / "seed-0" / "rounds.json").read_text() == before
+
+
+BAD_INPUTS = [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--model", "vgg"], "unknown model"),
+    (["--strategies", "random,oracle"], "unknown strategy"),
+    (["--strategies", "random[", "--seeds", "2"], "cannot read strategy"),
+    (["--seeds", "0"], "at least 1"),
+    (["--strategies", "entropy[temperature=2]"], "has no option"),
+    (["--query", "5000"], "larger than the unlabelled pool"),
+    (["--initial", "25"], "multiple"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/saal-data"], "mnist"),
+    (["--dataset", "npz:/nonexistent/file.npz"], "npz"),
+    (["--optimizer", "sam", "--lr", "0"], "lr"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, extra: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "saal", "run", "--strategies", "random", "--rounds", "1", "--epochs", "1", "--quiet", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saal") and "error:" in lines[0], proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_out_folder_with_a_different_run_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = ["run", "--strategies", "random", "--seeds", "1", "--rounds", "1", "--epochs", "1", "--quiet"]
+    assert main([*base, "--out", str(out)]) == 0
+    before = (out / "random" / "seed-0" / "rounds.json").read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "saal", *base, "--epochs", "2", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "holds a different run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (out / "random" / "seed-0" / "rounds.json").read_text() == before
+
+
+def test_help_explains_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--dataset", "--strategies", "--seeds", "--query", "--rounds", "--epochs", "--warm-start"):
+        assert option in text
