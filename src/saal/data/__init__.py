@@ -9,6 +9,7 @@ allows; user data comes from an image folder (``folder:PATH``) or a ``.npz`` fil
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,7 @@ def dataset_names() -> list[str]:
 def default_data_dir() -> Path:
     """Return ``$SAAL_DATA_DIR`` if set, else ``~/.cache/saal``."""
     env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "saal"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "saal"
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options: object) -> DatasetBundle:
@@ -58,17 +59,30 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
     Raises:
         SaalError: unknown name, missing or corrupt files.
     """
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     for prefix in USER_PREFIXES:
         if name.startswith(prefix):
+            path = name[len(prefix) :]
+            if not path:
+                raise SaalError(f"{prefix}PATH needs a path after the colon, e.g. {prefix}/data/my_set")
             module = "saal.data.image_folder" if prefix == "folder:" else "saal.data.arrays"
-            loader = importlib.import_module(module).load
-            return loader(name[len(prefix) :], **options)
+            return _call(name, importlib.import_module(module).load, path, options)
     if name not in _REGISTRY:
         raise SaalError(
             f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}, or folder:PATH or npz:PATH"
         )
-    return _resolve(_REGISTRY[name])(str(root), **options)
+    return _call(name, _resolve(_REGISTRY[name]), str(root), options)
+
+
+def _call(name: str, loader: Callable[..., DatasetBundle], first: str, options: dict[str, object]) -> DatasetBundle:
+    """Call ``loader(first, **options)``, turning an option it does not take into a :class:`SaalError`."""
+    accepted = list(inspect.signature(loader).parameters)[1:]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise SaalError(
+            f"dataset {name!r} takes no option {', '.join(unknown)}; it takes: {', '.join(accepted) or 'none'}"
+        )
+    return loader(first, **options)
 
 
 def _resolve(target: str) -> Callable[..., DatasetBundle]:

@@ -78,7 +78,7 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Return ``images`` as a float32 tensor: uint8 pixels scaled to [0, 1], floats copied unchanged."""
+    """Return ``images`` as a new float32 tensor: uint8 pixels scaled to [0, 1], other numbers kept as they are."""
     if isinstance(images, np.ndarray):
         t = torch.from_numpy(images.astype(np.float32))  # a fresh, writable copy
         return t.div_(255.0) if images.dtype == np.uint8 else t

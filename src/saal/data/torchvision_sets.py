@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import pickle
+import re
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -355,4 +356,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    network = re.findall(r"<urlopen error [^>]*>", text)
+    if network:  # torchvision lists every mirror it tried; the last network error says enough
+        text = network[-1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
