@@ -33,16 +33,21 @@ def gradient_factors(
         layer's weight (and bias), flattened row-major as ``[dW | db]`` per class.
     """
     bias = last_linear(model).bias is not None
-    qs, hs = [], []
+    q_all: torch.Tensor | None = None
+    h_all: torch.Tensor | None = None
+    start = 0
     for _, logits, emb in embedding_batches(model, dataset, indices, batch_size):
         p = torch.softmax(logits.float(), dim=1)
         q = p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)
-        h = emb.float()
-        if bias:
-            h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
-        qs.append(q)
-        hs.append(h)
-    return torch.cat(qs), torch.cat(hs)
+        if q_all is None or h_all is None:  # allocated once, filled batch by batch
+            q_all = torch.empty(len(indices), q.shape[1], dtype=torch.float32, device=q.device)
+            h_all = torch.ones(len(indices), emb.shape[1] + int(bias), dtype=torch.float32, device=q.device)
+        q_all[start : start + len(q)] = q
+        h_all[start : start + len(q), : emb.shape[1]] = emb  # the last column stays 1 for the bias
+        start += len(q)
+    if q_all is None or h_all is None:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return q_all, h_all
 
 
 def squared_distances_to(q: torch.Tensor, h: torch.Tensor, i: int, norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +63,15 @@ def squared_distances_to(q: torch.Tensor, h: torch.Tensor, i: int, norms: torch.
 
 def squared_norms(q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Return ``||g_j||^2 = ||q_j||^2 ||h_j||^2`` for every row (float64)."""
-    return q.double().pow(2).sum(1) * h.double().pow(2).sum(1)
+    return _row_squared_norms(q) * _row_squared_norms(h)
+
+
+def _row_squared_norms(x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    # In float64, a block of rows at a time: a float64 copy of the whole matrix would double the memory.
+    out = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), chunk):
+        out[i : i + chunk] = x[i : i + chunk].double().pow(2).sum(1)
+    return out
 
 
 def kmeans_pp(q: torch.Tensor, h: torch.Tensor, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

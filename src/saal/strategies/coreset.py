@@ -38,10 +38,14 @@ def embeddings(model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_si
 
     Memory is linear in ``len(indices)``; the pool is streamed ``batch_size`` items at a time.
     """
-    parts = [emb.float() for _, _, emb in embedding_batches(model, dataset, indices, batch_size)]
-    if not parts:
-        return torch.empty(0, 0)
-    return torch.cat(parts)
+    out: torch.Tensor | None = None
+    start = 0
+    for _, _, emb in embedding_batches(model, dataset, indices, batch_size):
+        if out is None:  # allocated once: no list of batches to concatenate (which would double the peak)
+            out = torch.empty(len(indices), emb.shape[1], dtype=torch.float32, device=emb.device)
+        out[start : start + len(emb)] = emb
+        start += len(emb)
+    return out if out is not None else torch.empty(0, 0)
 
 
 def nearest_distances(points: torch.Tensor, centres: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
