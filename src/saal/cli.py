@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 from saal.errors import SaalError
 
 DEFAULT_OUT = "runs/default"
+MAX_SEED_COUNT = 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +30,10 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (123,456,789), got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"--seeds count must be at least 1, got {n}")
+    if n > MAX_SEED_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {n} would run {n} seeds (0..{n - 1}); to run the single seed {n}, write --seeds {n},"
+        )
     return list(range(n))
 
 
@@ -58,7 +63,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies", help="comma-separated strategy specs, e.g. random,saal[score=diff] [random,entropy,saal]"
     )
-    p.add_argument("--seeds", type=_seeds, help="number of seeds (3 -> 0,1,2) or a list 123,456,789 [3]")
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        help="number of seeds (3 -> 0,1,2) or a comma-separated list (123,456,789; one seed: 123,) [3]",
+    )
     p.add_argument("--initial", type=int, help="initial labelled set size [20]")
     p.add_argument(
         "--uniform-initial",

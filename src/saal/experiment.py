@@ -435,6 +435,25 @@ class ExperimentSpec:
         }
 
 
+def check_device(name: str) -> torch.device:
+    """Return ``torch.device(name)``.
+
+    Raises:
+        SaalError: a name torch does not know, or a CUDA / MPS device this machine lacks.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SaalError(f"{name!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaalError(f"device {name!r} asked for, but no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SaalError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SaalError(f"device {name!r} asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
 def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
     """Fail early, before anything is written, on settings no run of the grid could use.
 
@@ -445,6 +464,7 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
     for s in spec.strategies:
         build_strategy(s)
     cfg = spec.run
+    check_device(cfg.device)
     build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     n = len(bundle.train)
     if cfg.initial > n:
