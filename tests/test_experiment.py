@@ -99,7 +99,22 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, extra: list[str], needle: str) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "saal", "run", "--strategies", "random", "--rounds", "1", "--epochs", "1", "--quiet", "--out", str(out), *extra],
+        [
+            sys.executable,
+            "-m",
+            "saal",
+            "run",
+            "--strategies",
+            "random",
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -131,3 +146,22 @@ def test_help_explains_every_option(capsys) -> None:
     text = capsys.readouterr().out
     for option in ("--dataset", "--strategies", "--seeds", "--query", "--rounds", "--epochs", "--warm-start"):
         assert option in text
+
+
+def test_dataset_options_reach_the_loader(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    base = ["run", "--dataset", f"folder:{tmp_path / 'imgs'}", "--model", "cnn", "--strategies", "random",
+            "--seeds", "1", "--initial", "4", "--query", "2", "--rounds", "1", "--epochs", "1", "--quiet"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "saal", *base, "--out", str(tmp_path / "a")], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 2 and "image_size" in proc.stderr
+    assert main([*base, "--dataset-option", "image_size=8", "--out", str(tmp_path / "b")]) == 0
+    stored = json.loads((tmp_path / "b" / "random" / "seed-0" / "config.json").read_text())
+    assert stored["dataset_options"] == {"image_size": 8}

@@ -59,6 +59,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", help="dataset name, folder:PATH (image folder) or npz:PATH [digits]")
     p.add_argument("--data-dir", help="folder holding the standard dataset files [$SAAL_DATA_DIR or ~/.cache/saal]")
+    p.add_argument(
+        "--dataset-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a loader option, e.g. image_size=32 or test_fraction=0.2 for folder: data (repeatable)",
+    )
     p.add_argument("--model", help="model name: mlp, cnn, resnet18 [mlp]")
     p.add_argument(
         "--strategies", help="comma-separated strategy specs, e.g. random,saal[score=diff] [random,entropy,saal]"
@@ -116,6 +123,16 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     for key in ("dataset", "data_dir", "model", "initial", "query", "rounds", "subset", "score_batch_size", "device"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
+    if args.dataset_option:
+        from saal.strategies import parse_value
+
+        options = dict(run.get("dataset_options") or {})
+        for item in args.dataset_option:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise SaalError(f"--dataset-option {item!r} needs the form KEY=VALUE, e.g. image_size=32")
+            options[key.strip()] = parse_value(value.strip())
+        run["dataset_options"] = options
     if args.uniform_initial:
         run["initial_balanced"] = False
     if args.warm_start:
@@ -139,7 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from saal.experiment import accuracy_table, check_grid, run_grid
 
     spec = _spec_from_args(args)
-    bundle = load_dataset(spec.run.dataset, spec.run.data_dir)
+    bundle = load_dataset(spec.run.dataset, spec.run.data_dir, **spec.run.dataset_options)
     check_grid(spec, bundle)
     total = len(spec.strategies) * len(spec.seeds) * (spec.run.rounds + 1)
     bar = tqdm(total=total, disable=args.quiet, unit="round", dynamic_ncols=True, file=sys.stderr)

@@ -58,6 +58,7 @@ class RunSchema(BaseModel):
 
     dataset: str = _RUN.dataset
     data_dir: str | None = _RUN.data_dir
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
     model: str = _RUN.model
     initial: int = Field(_RUN.initial, ge=1)
     initial_balanced: bool = _RUN.initial_balanced

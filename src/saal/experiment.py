@@ -69,6 +69,7 @@ class RunConfig:
     score_batch_size: int = 256
     device: str = "cpu"
     data_dir: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -161,7 +162,9 @@ class ActiveLearningRun:
             torch.manual_seed(self.streams["model"] ^ 0x5EED)
             self.strategy = build_strategy(strategy, subset=config.subset, batch_size=config.score_batch_size)
         self.folder = Path(folder) if folder is not None else None
-        self.bundle = bundle if bundle is not None else load_dataset(config.dataset, config.data_dir)
+        self.bundle = (
+            bundle if bundle is not None else load_dataset(config.dataset, config.data_dir, **config.dataset_options)
+        )
         self.device = torch.device(config.device)
         self._prepared = False
         with torch.random.fork_rng(devices=[]):
@@ -347,6 +350,7 @@ class ActiveLearningRun:
 
 # Settings that may change between a run and its resumption: they do not change its results.
 RESUME_IGNORED = frozenset({"device", "data_dir"})
+OPTIONAL_EMPTY: tuple[Any, ...] = ({},)
 
 
 def _first_difference(a: Any, b: Any, ignore: frozenset[str] = frozenset(), prefix: str = "") -> str | None:
@@ -355,6 +359,8 @@ def _first_difference(a: Any, b: Any, ignore: frozenset[str] = frozenset(), pref
         for key in sorted(set(a) | set(b)):
             if key in ignore:
                 continue
+            if key not in a and b.get(key) in OPTIONAL_EMPTY:
+                continue  # a setting added after that run was written, left at its empty default
             found = _first_difference(a.get(key), b.get(key), ignore, f"{prefix}{key}.")
             if found is not None:
                 return found
@@ -526,7 +532,9 @@ def run_grid(
     Raises:
         SaalError: bad settings (checked before anything is written).
     """
-    bundle = bundle if bundle is not None else load_dataset(spec.run.dataset, spec.run.data_dir)
+    bundle = (
+        bundle if bundle is not None else load_dataset(spec.run.dataset, spec.run.data_dir, **spec.run.dataset_options)
+    )
     check_grid(spec, bundle)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
