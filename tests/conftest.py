@@ -22,3 +22,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def digits() -> DatasetBundle:
     return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP spin-waits make them erratic."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

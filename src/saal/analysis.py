@@ -1,0 +1,330 @@
+"""What SAAL's score is made of: loss, gradient norm and sharpness, per instance.
+
+The paper's second-order expansion of the Max score (SAM form) is
+
+    score_max(x) <~ l(x) + rho * ||g(x)|| + 0.5 * rho^2 * lambda_1(H(x))
+
+with ``g`` and ``H`` the gradient and Hessian of the instance's loss under its pseudo label. This
+module computes each term per instance (``lambda_1`` by power iteration on Hessian-vector
+products), the Pearson correlation of each with the score, and a scatter plot. With the ASAM
+perturbation the terms become ``rho * ||T g||`` and ``0.5 * rho^2 * lambda_1(T H T)`` (``T = |w|``),
+the same expansion in ASAM's rescaled coordinates.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+from torch.utils.data import Dataset
+
+from saal.batching import input_batches
+from saal.errors import SaalError
+from saal.inference import model_device, preserved
+from saal.seeding import as_generator, derive_seed
+from saal.sharpness import PERTURBATIONS, check_option, check_rho, pool_sharpness
+
+TERMS = ("loss", "grad_term", "sharpness_term")
+_VECTOR_FLOATS = 1 << 22  # floats of power-iteration vectors held at once (chunks of instances beyond it)
+
+
+@dataclass
+class SharpnessAnalysis:
+    """Per-instance terms of the second-order expansion, in ``indices`` order (float64 arrays).
+
+    Attributes:
+        indices: the dataset indices analysed.
+        pseudo_label: the eval-mode argmax.
+        loss: the unperturbed loss under the pseudo label.
+        grad_norm: ``||g||`` (SAM) or ``||T g||`` (ASAM).
+        lambda_max: the largest eigenvalue of ``H`` (SAM) or ``T H T`` (ASAM), by power iteration.
+        score: SAAL's score (``max`` or ``diff``) with the same ``rho`` and perturbation.
+        settings: rho, perturbation, score kind, power iterations.
+    """
+
+    indices: np.ndarray
+    pseudo_label: np.ndarray
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    lambda_max: np.ndarray
+    score: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grad_term(self) -> np.ndarray:
+        """``rho * ||g||``."""
+        return self.settings["rho"] * self.grad_norm
+
+    @property
+    def sharpness_term(self) -> np.ndarray:
+        """``0.5 * rho^2 * lambda_1``."""
+        return 0.5 * self.settings["rho"] ** 2 * self.lambda_max
+
+    @property
+    def second_order(self) -> np.ndarray:
+        """``loss + rho ||g|| + 0.5 rho^2 lambda_1``: the expansion's estimate of the Max score."""
+        return self.loss + self.grad_term + self.sharpness_term
+
+    def correlations(self) -> dict[str, float]:
+        """Return the Pearson correlation of the score with each term (NaN where a term is constant)."""
+        terms = {"loss": self.loss, "grad_term": self.grad_term, "sharpness_term": self.sharpness_term}
+        terms["second_order"] = self.second_order
+        return {name: pearson(values, self.score) for name, values in terms.items()}
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Return the Pearson correlation of two equally long vectors (NaN if either is constant or too short)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def top_hessian_eigenvalues(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    perturbation: str = "sam",
+    iters: int = 20,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return the top (largest) Hessian eigenvalue of each instance's loss ``CE(f_w(x_i), labels_i)``.
+
+    Power iteration on Hessian-vector products (``torch.func``, reverse over reverse), every
+    instance its own vector, at most ``iters`` steps (fewer once every Rayleigh quotient of a
+    chunk moved by less than ``tol`` relative). Where the dominant eigenvalue is negative, a
+    second power iteration on the shifted matrix finds the largest one. For
+    ``perturbation="asam"`` the matrix is ``T H T`` with ``T = |w|``. The model is used in eval
+    mode and left as it was found. Convergence goes like ``(|lambda_2| / lambda_1)^iters``: slow
+    where another eigenvalue (of either sign) is close in magnitude to the top one.
+
+    Returns:
+        A 1-D tensor: the largest eigenvalue per instance.
+
+    Raises:
+        SaalError: a bad ``perturbation`` or ``iters``.
+    """
+    asam = check_option("perturbation", perturbation, PERTURBATIONS) == "asam"
+    if iters < 1:
+        raise SaalError(f"power iterations must be at least 1, got {iters}")
+    with preserved(model):
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if not params or len(inputs) == 0:
+            return torch.zeros(len(inputs))
+        scale = {n: p.abs() for n, p in params.items()} if asam else None
+
+        def loss_fn(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+        def hvp(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, v: dict[str, torch.Tensor]) -> Any:
+            # H v as the vector-Jacobian product of the gradient (H is symmetric): reverse over reverse.
+            _, pullback = vjp(lambda q: grad(loss_fn)(q, xi, yi), p)
+            return pullback(v)[0]
+
+        batched = vmap(hvp, in_dims=(None, 0, 0, 0))
+
+        def power(xc: torch.Tensor, yc: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+            """Dominant eigenvalue of (M - shift I) per instance, M = H or T H T."""
+            v = _normalised(
+                {
+                    n: torch.randn((len(xc), *p.shape), generator=generator, dtype=p.dtype).to(p.device)
+                    for n, p in params.items()
+                }
+            )
+            lam = torch.zeros(len(xc), dtype=next(iter(params.values())).dtype)
+            for step in range(iters):
+                w = {n: v[n] * scale[n] for n in v} if scale is not None else v
+                hv = batched(params, xc, yc, w)
+                if scale is not None:
+                    hv = {n: hv[n] * scale[n] for n in hv}
+                if shift is not None:
+                    hv = {n: hv[n] - _column(shift, hv[n]) * v[n] for n in hv}
+                new = sum(_rows(v[n] * hv[n]) for n in v)
+                v = _normalised(hv)
+                done = step > 0 and bool(((new - lam).abs() <= tol * new.abs() + 1e-12).all())
+                lam = new.detach()
+                if done:
+                    break
+            return lam
+
+        size = sum(p.numel() for p in params.values())
+        chunk = max(1, _VECTOR_FLOATS // size)
+        out = []
+        for s in range(0, len(inputs), chunk):
+            xc, yc = inputs[s : s + chunk], labels[s : s + chunk]
+            lam = power(xc, yc, None)
+            negative = lam < 0
+            if negative.any():
+                # The dominant eigenvalue is negative: the top one is lam + the dominant of (M - lam I) >= 0.
+                shift = lam[negative]
+                lam = lam.clone()
+                lam[negative] = shift + power(xc[negative], yc[negative], shift)
+            out.append(lam)
+        return torch.cat(out)
+
+
+def _column(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return c.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _normalised(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    norm = torch.sqrt(sum(_rows(t * t) for t in v.values()))
+    # A zero Hessian-vector product (a zero Hessian) stays zero: its Rayleigh quotient is 0.
+    return {n: t / (_column(norm, t) + 1e-30) for n, t in v.items()}
+
+
+def analyze(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    *,
+    rho: float = 0.05,
+    perturbation: str = "sam",
+    score: str = "max",
+    power_iters: int = 20,
+    batch_size: int = 64,
+    generator: np.random.Generator | int | None = 0,
+) -> SharpnessAnalysis:
+    """Compute loss, gradient norm, top Hessian eigenvalue and SAAL score for ``dataset[indices]``.
+
+    Args:
+        rho, perturbation, score: as in the ``saal`` strategy (the default here is the SAM form,
+            for which the expansion ``l + rho ||g|| + 0.5 rho^2 lambda_1`` is stated).
+        power_iters: power-iteration steps per instance.
+        batch_size: pool items handled at once.
+        generator: seeds the power iterations' starting vectors.
+
+    Returns:
+        A :class:`SharpnessAnalysis`.
+
+    Raises:
+        SaalError: a bad option value.
+    """
+    rho = check_rho(rho)
+    score = check_option("score", score, ("max", "diff"))
+    perturbation = check_option("perturbation", perturbation, PERTURBATIONS)
+    indices = np.asarray(indices, dtype=np.int64)
+    terms = pool_sharpness(model, dataset, indices, batch_size=batch_size, rho=rho, perturbation=perturbation)
+    torch_gen = torch.Generator().manual_seed(derive_seed(as_generator(generator)))
+    device = model_device(model)
+    lambdas = np.empty(len(indices), dtype=np.float64)
+    start = 0
+    for _, x in input_batches(dataset, indices, batch_size):
+        labels = torch.as_tensor(terms.pseudo_label[start : start + len(x)], device=device)
+        lam = top_hessian_eigenvalues(
+            model, x.to(device), labels, perturbation=perturbation, iters=power_iters, generator=torch_gen
+        )
+        lambdas[start : start + len(x)] = lam.double().cpu().numpy()
+        start += len(x)
+    return SharpnessAnalysis(
+        indices=indices,
+        pseudo_label=terms.pseudo_label,
+        loss=terms.loss,
+        grad_norm=terms.grad_norm,
+        lambda_max=lambdas,
+        score=terms.score(score),
+        settings={"rho": rho, "perturbation": perturbation, "score": score, "power_iters": power_iters},
+    )
+
+
+CSV_FIELDS = (
+    "dataset_index",
+    "pseudo_label",
+    "loss",
+    "grad_norm",
+    "lambda_max",
+    "grad_term",
+    "sharpness_term",
+    "second_order",
+    "score",
+)
+
+
+def write_analysis(result: SharpnessAnalysis, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict:
+    """Write ``terms.csv`` (one row per instance), ``correlations.json`` and ``scatter.png`` under ``out``.
+
+    Returns:
+        ``{"csv": path, "json": path, "png": path}``.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = {
+        "dataset_index": result.indices,
+        "pseudo_label": result.pseudo_label,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "lambda_max": result.lambda_max,
+        "grad_term": result.grad_term,
+        "sharpness_term": result.sharpness_term,
+        "second_order": result.second_order,
+        "score": result.score,
+    }
+    csv_path = folder / "terms.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_FIELDS)
+        for i in range(len(result.indices)):
+            writer.writerow([_cell(columns[f][i]) for f in CSV_FIELDS])
+    json_path = folder / "correlations.json"
+    summary = {
+        "correlation_with_score": {k: _json_float(v) for k, v in result.correlations().items()},
+        "instances": len(result.indices),
+        "mean": {k: _json_float(float(np.mean(columns[k]))) if len(result.indices) else None for k in CSV_FIELDS[2:]},
+        "settings": result.settings,
+        **(meta or {}),
+    }
+    json_path.write_text(json.dumps(summary, indent=2))
+    png_path = folder / "scatter.png"
+    plot_analysis(result, png_path)
+    return {"csv": csv_path, "json": json_path, "png": png_path}
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, (np.integer, int)):
+        return str(int(v))
+    return f"{float(v):.9g}"
+
+
+def _json_float(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 6)
+
+
+def plot_analysis(result: SharpnessAnalysis, path: str | os.PathLike) -> Path:
+    """Save a scatter plot of the score against each term (one panel each, Pearson r in the title)."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, Agg canvas
+
+    corr = result.correlations()
+    rho_sym = "T g" if result.settings.get("perturbation") == "asam" else "g"
+    labels = {
+        "loss": "loss  l(x, ŷ)",
+        "grad_term": f"ρ ||{rho_sym}||",
+        "sharpness_term": "½ ρ² λ₁",
+    }
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, name in zip(axes, TERMS, strict=True):
+        ax.scatter(getattr(result, name), result.score, s=6, alpha=0.6)
+        ax.set_xlabel(labels[name])
+        ax.set_title(f"r = {corr[name]:.3f}")
+    axes[0].set_ylabel(f"SAAL score ({result.settings.get('score')})")
+    fig.suptitle(
+        f"SAAL score vs its second-order terms ({len(result.indices)} instances, "
+        f"ρ = {result.settings.get('rho')}, {result.settings.get('perturbation')})"
+    )
+    fig.savefig(path, dpi=110)
+    return Path(path)
