@@ -43,5 +43,5 @@ def test_bad_model_requests() -> None:
         build_model("vgg", (1, 8, 8), 10)
     with pytest.raises(SaalError, match="image inputs"):
         build_model("cnn", (64,), 10)
-    with pytest.raises(SaalError, match="no nn.Linear"):
+    with pytest.raises(SaalError, match=r"no nn\.Linear"):
         last_linear(nn.Sequential(nn.Conv2d(1, 1, 3)))
