@@ -389,14 +389,26 @@ def plot_curves(group: Group, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    # tab20 and three dash styles keep up to 60 strategies apart (the default cycle repeats after 10).
+    colours = plt.get_cmap("tab20").colors
+    styles = ("-", "--", ":")
     try:
-        for s in group.strategies:
+        for i, s in enumerate(group.strategies):
             runs = group.runs_of(s)
             budgets = sorted({int(r["labelled"]) for run in runs for r in run.rows})
             stats = [mean_std([accuracy_at(r, b) for r in runs]) for b in budgets]
             mean = np.array([m for m, _, _ in stats]) * 100
             std = np.nan_to_num(np.array([sd for _, sd, _ in stats]) * 100)
-            (line,) = ax.plot(budgets, mean, marker="o", markersize=2.5, linewidth=1.4, label=s)
+            (line,) = ax.plot(
+                budgets,
+                mean,
+                marker="o",
+                markersize=2.5,
+                linewidth=1.4,
+                label=s,
+                color=colours[i % 20],
+                linestyle=styles[(i // 20) % 3],
+            )
             ax.fill_between(budgets, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xlabel("labelled examples")
         ax.set_ylabel("test accuracy (%)")
