@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,16 +16,6 @@ from saal.analysis import analyze, pearson, top_hessian_eigenvalues, write_analy
 from saal.data.base import ArrayDataset
 from saal.errors import SaalError
 from saal.sharpness import naive_perturbed_losses
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Many small ops: one thread is as fast on an idle CPU and far faster on a shared one, where
-    OpenMP threads spin waiting for each other (seen 10-700x slower here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny() -> tuple[nn.Module, torch.Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,6 @@ from saal.data import DatasetBundle
 from saal.models import build_model
 from saal.pool import Pool
 from saal.strategies import build_strategy
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Many small ops: one thread is as fast on an idle CPU and far faster on a shared one, where
-    OpenMP threads spin waiting for each other (seen 10-700x slower here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,17 +21,6 @@ from saal.sharpness import (
     sharpness_terms,
 )
 from saal.training import TrainConfig, fit
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Many small ops: one thread is as fast on an idle CPU and far faster on a shared one, where
-    OpenMP threads spin waiting for each other (seen 10-700x slower here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 RHO = 0.05
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -19,16 +17,6 @@ from saal.sharpness import naive_perturbed_losses
 from saal.strategies import build_strategy, strategy_options
 from saal.strategies.saal import SAAL, SAALReference, kmeans_pp_1d
 from saal.training import TrainConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Many small ops: one thread is as fast on an idle CPU and far faster on a shared one, where
-    OpenMP threads spin waiting for each other (seen 10-700x slower here); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _pool(n: int = 60, labelled: int = 10) -> Pool:
