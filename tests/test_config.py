@@ -233,3 +233,28 @@ def test_cli_runs_a_config_with_overrides_and_options_on_top(tmp_path: Path) -> 
     config = json.loads((out / "entropy" / "seed-4" / "config.json").read_text())
     assert (config["rounds"], config["query"], config["train"]["epochs"], config["train"]["lr"]) == (1, 5, 1, 0.01)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["entropy", "random"]
+
+
+@pytest.mark.parametrize("variant", ["paper-cifar10", "paper-cifar10-sam"])
+def test_paper_protocol_starts_and_runs_on_cpu(variant: str, fmt, tmp_path: Path) -> None:
+    """The GPU protocol, shrunk only in rounds, epochs and pool subset, runs on CPU on torchvision's CIFAR-10 files."""
+    import json
+
+    fmt.write_cifar10(tmp_path / "data", per_batch=20)  # 100 train images (>= 2 per class), 20 test images
+    out = tmp_path / "out"
+    proc = _saal("run", "--config", str(CONFIGS / f"{variant}.yaml"), "--data-dir", str(tmp_path / "data"),
+                 "--device", "cpu", "--set", "run.rounds=1", "--set", "run.train.epochs=1", "--set", "run.subset=20",
+                 "--strategies", "random,saal-reference", "--seeds", "123,", "--out", str(out), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for strategy in ("random", "saal-reference"):
+        folder = out / strategy / "seed-123"
+        config = json.loads((folder / "config.json").read_text())
+        train = config["train"]
+        protocol = (config["dataset"], config["model"], config["initial"], config["query"])
+        assert protocol == ("cifar10", "resnet18", 20, 10)
+        assert (train["batch_size"], train["epochs"], config["device"]) == (10, 1, "cpu")
+        assert (train["optimizer"], config["reinit"]) == (("sam", False) if variant.endswith("sam") else ("adam", True))
+        rounds = json.loads((folder / "rounds.json").read_text())
+        assert [r["labelled"] for r in rounds] == [20, 30] and config["subset"] == 20
+        assert len(set(rounds[0]["chosen"])) == 10 and all(0 <= i < 100 for i in rounds[0]["chosen"])
+        assert 0.0 <= rounds[-1]["accuracy"] <= 1.0 and (folder / "model.pt").is_file()

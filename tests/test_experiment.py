@@ -65,6 +65,24 @@ def test_accuracy_rises_with_labels(digits, tmp_path: Path) -> None:
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "experiment.json").is_file()
 
 
+def test_commands_filling_one_folder_keep_every_run_in_its_summary(digits, tmp_path: Path) -> None:
+    run = RunConfig(initial=20, query=10, rounds=1, train=TrainConfig(epochs=2, batch_size=32))
+    first = run_grid(ExperimentSpec(run=run, strategies=["random"], seeds=[0, 1], out=str(tmp_path)), digits)
+    second = run_grid(ExperimentSpec(run=run, strategies=["entropy", "random"], seeds=[2], out=str(tmp_path)), digits)
+    assert {(r["strategy"], r["seed"]) for r in second} == {("entropy", 2), ("random", 2)}  # this command's runs
+    listed = json.loads((tmp_path / "experiment.json").read_text())
+    assert (listed["strategies"], listed["seeds"]) == (["entropy", "random"], [0, 1, 2])
+    everything = json.loads((tmp_path / "results.json").read_text())
+    assert all(row in everything for row in json.loads(json.dumps(first)))  # the first command's rows, unchanged
+    assert sorted({(r["strategy"], r["seed"]) for r in everything}) == [
+        ("entropy", 2), ("random", 0), ("random", 1), ("random", 2)]  # fmt: skip
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + len(everything) == 1 + 4 * 2
+    # a command naming every strategy and seed records them in its own order
+    run_grid(ExperimentSpec(run=run, strategies=["entropy", "random"], seeds=[2, 1, 0], out=str(tmp_path)), digits)
+    listed = json.loads((tmp_path / "experiment.json").read_text())
+    assert (listed["strategies"], listed["seeds"]) == (["entropy", "random"], [2, 1, 0])
+
+
 def test_cli_run_writes_results_and_table(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     args = ["run", "--strategies", "random,entropy", "--seeds", "2", "--rounds", "1", "--epochs", "2", "--query",
@@ -74,6 +92,9 @@ def test_cli_run_writes_results_and_table(tmp_path: Path, capsys) -> None:
     assert "random" in text and "entropy" in text and "results:" in text
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 2 * 2 * 2
+    final = [100 * r["accuracy"] for r in rows if r["strategy"] == "random" and r["round"] == 1]
+    line = next(line for line in text.splitlines() if line.startswith("random "))
+    assert line.endswith(f"{np.mean(final):.1f} +- {np.std(final, ddof=1):4.1f}")  # the same sample std as reports
     # the same command again finds finished runs and changes nothing
     before = (out / "random" / "seed-0" / "rounds.json").read_text()
     assert main(args) == 0

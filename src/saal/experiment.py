@@ -526,8 +526,9 @@ def run_grid(
     """Run (or resume, or skip when finished) every (strategy, seed) run of ``spec``.
 
     Returns:
-        One row per (strategy, seed, round), also written to ``OUT/results.csv`` and
-        ``OUT/results.json``.
+        One row per (strategy, seed, round) of this grid. ``OUT/results.csv`` and ``OUT/results.json``
+        get the rows of every run in ``OUT``: this grid's and those of earlier commands with other
+        strategies or seeds (``OUT/experiment.json`` lists them all).
 
     Raises:
         SaalError: bad settings (checked before anything is written).
@@ -538,7 +539,7 @@ def run_grid(
     check_grid(spec, bundle)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "experiment.json", json.dumps(spec.to_dict(), indent=2))
+    _atomic_write_text(out / "experiment.json", json.dumps(_merged_experiment(spec), indent=2))
     rows: list[dict[str, Any]] = []
     for s in spec.strategies:
         for seed in spec.seeds:
@@ -548,8 +549,44 @@ def run_grid(
                 on_run_start(s, seed, len(run.results))
             results = run.run(progress=None if on_round is None else lambda r, s=s, seed=seed: on_round(s, seed, r))
             rows += [{"strategy": s, "seed": seed, **asdict(r)} for r in results]
-    write_summary(out, rows)
-    _atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
+    everything = _rows_of_folder(out)
+    write_summary(out, everything)
+    _atomic_write_text(out / "results.json", json.dumps(everything, indent=1))
+    return rows
+
+
+def _merged_experiment(spec: ExperimentSpec) -> dict[str, Any]:
+    """Return ``spec.to_dict()`` keeping the strategies and seeds that ``OUT/experiment.json`` already lists.
+
+    Several commands may fill one output folder (halves of a grid, side by side or over several sittings); the
+    file then lists every strategy and seed run into it: in the order of this command when it names them all,
+    else earlier ones first.
+    """
+    mine = spec.to_dict()
+    try:
+        theirs = json.loads((Path(spec.out) / "experiment.json").read_text())
+    except (OSError, ValueError):
+        return mine
+    if not isinstance(theirs, dict):
+        return mine
+    for key in ("strategies", "seeds"):
+        earlier = [v for v in theirs.get(key, []) if isinstance(v, (str, int)) and not isinstance(v, bool)]
+        if not set(earlier) <= set(mine[key]):
+            mine[key] = earlier + [v for v in mine[key] if v not in earlier]
+    return mine
+
+
+def _rows_of_folder(out: Path) -> list[dict[str, Any]]:
+    """Return one row per round of every run that ``OUT/experiment.json`` lists and that has finished a round."""
+    listed = json.loads((out / "experiment.json").read_text())
+    rows: list[dict[str, Any]] = []
+    for s in listed["strategies"]:
+        for seed in listed["seeds"]:
+            try:
+                rounds = read_rounds(run_folder(out, s, seed))
+            except (OSError, ValueError):  # not started, or being written by another command right now
+                continue
+            rows += [{"strategy": s, "seed": seed, **r} for r in rounds]
     return rows
 
 
@@ -562,11 +599,12 @@ def accuracy_table(rows: list[dict[str, Any]], max_columns: int = 6) -> str:
         budgets = [budgets[i] for i in sorted(set(pick))]
     width = max(len("strategy"), *(len(s) for s in strategies))
     head = "strategy".ljust(width) + "".join(f"{b:>15}" for b in budgets)
-    lines = ["test accuracy (%) by number of labels, mean +- std over seeds", head, "-" * len(head)]
+    lines = ["test accuracy (%) by number of labels, mean +- sample std over seeds", head, "-" * len(head)]
     for s in strategies:
         cells = []
         for b in budgets:
             acc = np.array([r["accuracy"] for r in rows if r["strategy"] == s and r["labelled"] == b]) * 100
-            cells.append(f"{acc.mean():8.1f} +- {acc.std():4.1f}" if acc.size else f"{'-':>15}")
+            std = acc.std(ddof=1) if acc.size > 1 else 0.0  # sample std, as in `saal report`
+            cells.append(f"{acc.mean():8.1f} +- {std:4.1f}" if acc.size else f"{'-':>15}")
         lines.append(s.ljust(width) + "".join(f"{c:>15}" for c in cells))
     return "\n".join(lines)
