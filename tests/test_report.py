@@ -69,6 +69,7 @@ def test_report_writes_every_file(report_dir: Path) -> None:
     # the protocol stands beside the numbers
     assert "model `mlp`" in text and "optimizer adam lr 0.001" in text and "3 epochs" in text
     assert "initial 20 labels" in text and "query 10 per round" in text and "2 rounds" in text
+    assert f"With {len(SEEDS)} seeds the test has little power" in text
 
 
 def test_table_numbers_equal_a_hand_computation(experiment_dir: Path, report_dir: Path) -> None:
@@ -192,6 +193,8 @@ def test_the_same_protocol_in_two_folders_is_pooled(experiment_dir: Path, digits
     groups = group_runs(find_runs([experiment_dir, more]))
     assert len(groups) == 1 and groups[0].name == "digits"
     assert [r.seed for r in groups[0].runs_of("random")] == [0, 1, 2, 7]
+    build_report([experiment_dir, more], tmp_path / "report")
+    assert "With 4 seeds the test has little power" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_missing_or_empty_folders_are_one_line_errors(tmp_path: Path) -> None:

@@ -467,14 +467,19 @@ def _markdown_group(
         lines += ["", "\\* incomplete: " + "; ".join(notes) + "."]
     lines += ["", f"![learning curves]({png})", ""]
     names = group.strategies
+    seeds = len(group.seeds)
     unit = "normalised AUC per seed" if paired_on == "auc" else "accuracy per (seed, round), round 0 left out"
     lines += [
         f"### Win / tie / loss ({group.name})",
         "",
         f"Row strategy against column strategy: a two-sided paired t-test (scipy.stats.ttest_rel) on the "
         f"{unit}, paired by seed; **W** when the row's mean is higher and p < {alpha}, **L** when lower and "
-        f"p < {alpha}, **T** otherwise, blank when fewer than two pairs exist. With 3 seeds the test has little "
-        "power: a tie often means 'not enough seeds to tell'.",
+        f"p < {alpha}, **T** otherwise, blank when fewer than two pairs exist."
+        + (
+            f" With {seeds} seeds the test has little power: a tie often means 'not enough seeds to tell'."
+            if seeds < 10
+            else ""
+        ),
         "",
         "| | " + " | ".join(f"`{n}`" for n in names) + " | W-T-L |",
         "|" + "---|" * (len(names) + 2),
