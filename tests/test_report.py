@@ -197,6 +197,20 @@ def test_the_same_protocol_in_two_folders_is_pooled(experiment_dir: Path, digits
     assert "With 4 seeds the test has little power" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_runs_written_before_a_setting_existed_share_the_protocol(experiment_dir: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(experiment_dir, old)
+    config_path = run_folder(old, "random", 0) / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config.pop("dataset_options") == {}  # a run written before `dataset_options` existed
+    config_path.write_text(json.dumps(config))
+    (group,) = group_runs(find_runs([old]))
+    assert [r.seed for r in group.runs_of("random")] == SEEDS
+    config["dataset_options"] = {"size": 10}  # a real difference still splits
+    config_path.write_text(json.dumps(config))
+    assert len(group_runs(find_runs([old]))) == 2
+
+
 def test_missing_or_empty_folders_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")

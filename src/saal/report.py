@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from saal.errors import SaalError
+from saal.experiment import OPTIONAL_EMPTY
 
 ALPHA = 0.05
 PAIRED_ON = ("auc", "rounds")
@@ -185,8 +186,12 @@ def _read_json(path: Path) -> Any:
 
 
 def protocol_of(config: dict[str, Any]) -> dict[str, Any]:
-    """Return the protocol part of a run's ``config.json``: everything but which run it is."""
-    return {k: v for k, v in config.items() if k not in _RUN_IDENTITY}
+    """Return the protocol part of a run's ``config.json``: everything but which run it is.
+
+    Settings left at their empty default (``dataset_options: {}``) are dropped, so that runs written before such
+    a setting existed share a protocol with newer runs.
+    """
+    return {k: v for k, v in config.items() if k not in _RUN_IDENTITY and v not in OPTIONAL_EMPTY}
 
 
 def strategy_order(runs: Sequence[RunRecord]) -> list[str]:
