@@ -242,3 +242,37 @@ def test_every_strategy_resumes_exactly(digits, tmp_path: Path, strategy: str) -
     torch.manual_seed(777)
     resumed = ActiveLearningRun(cfg, strategy, 3, folder, bundle=digits).run()
     assert rows_of(resumed) == rows_of(reference)
+
+
+def test_two_commands_side_by_side_split_the_grid(uninterrupted: tuple[Path, Path], tmp_path: Path) -> None:
+    config, reference = uninterrupted
+    out = tmp_path / "shared"
+    procs = [saal_run(config, out), saal_run(config, out)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    for strategy in ("entropy", "random"):
+        rows, weights = outcome(out, strategy, 5)
+        ref_rows, ref_weights = outcome(reference, strategy, 5)
+        assert rows == ref_rows and same_weights(weights, ref_weights)
+    assert len(json.loads((out / "results.json").read_text())) == 2 * 7
+
+
+def test_a_run_held_by_another_process_is_skipped_by_a_grid(digits, tmp_path: Path) -> None:
+    from saal.errors import RunInProgress
+    from saal.folder_lock import folder_lock
+
+    cfg = RunConfig(initial=20, query=10, rounds=1, train=TrainConfig(epochs=2, batch_size=32))
+    spec = ExperimentSpec(run=cfg, strategies=["random", "entropy"], seeds=[0], out=str(tmp_path))
+    busy: list[tuple[str, int]] = []
+    held = run_folder(tmp_path, "entropy", 0)
+    with folder_lock(held):
+        rows = run_grid(spec, digits, on_busy=lambda s, seed: busy.append((s, seed)))
+        assert busy == [("entropy", 0)] and {r["strategy"] for r in rows} == {"random"}
+        assert not (held / "config.json").exists()
+        with pytest.raises(RunInProgress, match="being run by another process"):
+            ActiveLearningRun(cfg, "entropy", 0, held, bundle=digits).run()
+        assert not (held / "config.json").exists()
+    rows = run_grid(spec, digits)  # once released, the next command runs it
+    assert {r["strategy"] for r in rows} == {"random", "entropy"}
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2 * 2

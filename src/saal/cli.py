@@ -169,9 +169,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(labels=r.labelled, acc=f"{100 * r.accuracy:.1f}%")
 
-    rows = run_grid(spec, bundle, on_round=on_round, on_run_start=on_run_start)
+    busy: list[str] = []
+
+    def on_busy(strategy: str, seed: int) -> None:
+        bar.update(spec.run.rounds + 1)
+        busy.append(f"{strategy} seed {seed}")
+
+    rows = run_grid(spec, bundle, on_round=on_round, on_run_start=on_run_start, on_busy=on_busy)
     bar.close()
-    print(accuracy_table(rows))
+    if rows:
+        print(accuracy_table(rows))
+    if busy:
+        print(
+            f"\nleft to another process running in {spec.out} now: {', '.join(busy)}; "
+            "give this command again when it is done to see every run here"
+        )
     print(
         f"\nresults: {spec.out}/results.csv (one row per strategy, seed and round); per-run folders under {spec.out}/"
     )

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class SaalError(ValueError):
     """A mistake in the user's input: the message says what is wrong and what to do."""
+
+
+class RunInProgress(SaalError):
+    """A run folder that another process is running right now (see :mod:`saal.folder_lock`)."""

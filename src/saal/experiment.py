@@ -16,6 +16,7 @@ committed round and produces the same chosen indices and accuracies as an uninte
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -31,7 +32,8 @@ import torch
 from torch import nn
 
 from saal.data import DatasetBundle, load_dataset
-from saal.errors import SaalError
+from saal.errors import RunInProgress, SaalError
+from saal.folder_lock import folder_lock
 from saal.models import build_model
 from saal.pool import Pool, initial_indices
 from saal.strategies import Strategy, build_strategy
@@ -196,14 +198,40 @@ class ActiveLearningRun:
         return len(self.results) == self.config.rounds + 1
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self, progress: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
+    def run(
+        self,
+        progress: Callable[[RoundResult], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> list[RoundResult]:
         """Run (or resume) every remaining round; return all round results.
 
+        The run folder is locked while the run works in it (:func:`saal.folder_lock.folder_lock`).
+
+        Args:
+            progress: called with the result of each new round.
+            on_start: called once, before the first new round, with the number of rounds already done.
+
         Raises:
+            RunInProgress: another process is running this folder's run right now.
             SaalError: the folder holds a different run, a corrupt checkpoint, or an impossible size.
         """
-        if self.folder is not None:
+        if self.folder is None:
+            return self._run_rounds(progress, on_start)
+        self.check_folder()  # a folder holding another run is refused before anything is written into it
+        with folder_lock(self.folder, wait=False) as held:
+            if not held:
+                raise RunInProgress(
+                    f"{self.folder} is being run by another process right now; "
+                    "wait for it, or give the same command again later to resume it"
+                )
             self._prepare_folder()
+            return self._run_rounds(progress, on_start)
+
+    def _run_rounds(
+        self, progress: Callable[[RoundResult], None] | None, on_start: Callable[[int], None] | None
+    ) -> list[RoundResult]:
+        if on_start is not None:
+            on_start(len(self.results))
         if not self.results:
             start = initial_indices(
                 self.bundle.train_targets,
@@ -405,11 +433,11 @@ def read_rounds(folder: str | os.PathLike) -> list[dict[str, Any]]:
 def write_summary(out: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     """Write one CSV row per (strategy, seed, round) under ``out``; return its path."""
     path = Path(out) / "results.csv"
-    fields = ["strategy", "seed", *ROUND_FIELDS[:-1]]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["strategy", "seed", *ROUND_FIELDS[:-1]], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_text(path, text.getvalue())
     return path
 
 
@@ -522,8 +550,12 @@ def run_grid(
     bundle: DatasetBundle | None = None,
     on_round: Callable[[str, int, RoundResult], None] | None = None,
     on_run_start: Callable[[str, int, int], None] | None = None,
+    on_busy: Callable[[str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume, or skip when finished) every (strategy, seed) run of ``spec``.
+
+    A run that another process is running right now (two commands sharing one output folder) is
+    skipped: ``on_busy(strategy, seed)`` is called and its rows are not among those returned.
 
     Returns:
         One row per (strategy, seed, round) of this grid. ``OUT/results.csv`` and ``OUT/results.json``
@@ -538,20 +570,26 @@ def run_grid(
     )
     check_grid(spec, bundle)
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "experiment.json", json.dumps(_merged_experiment(spec), indent=2))
+    with folder_lock(out):
+        _atomic_write_text(out / "experiment.json", json.dumps(_merged_experiment(spec), indent=2))
     rows: list[dict[str, Any]] = []
     for s in spec.strategies:
         for seed in spec.seeds:
             run = ActiveLearningRun(spec.run, s, seed, run_folder(out, s, seed), bundle=bundle)
-            run._prepare_folder()
-            if on_run_start is not None:
-                on_run_start(s, seed, len(run.results))
-            results = run.run(progress=None if on_round is None else lambda r, s=s, seed=seed: on_round(s, seed, r))
+            try:
+                results = run.run(
+                    progress=None if on_round is None else lambda r, s=s, seed=seed: on_round(s, seed, r),
+                    on_start=None if on_run_start is None else lambda n, s=s, seed=seed: on_run_start(s, seed, n),
+                )
+            except RunInProgress:  # another command works on it: go on with the next run
+                if on_busy is not None:
+                    on_busy(s, seed)
+                continue
             rows += [{"strategy": s, "seed": seed, **asdict(r)} for r in results]
-    everything = _rows_of_folder(out)
-    write_summary(out, everything)
-    _atomic_write_text(out / "results.json", json.dumps(everything, indent=1))
+    with folder_lock(out):
+        everything = _rows_of_folder(out)
+        write_summary(out, everything)
+        _atomic_write_text(out / "results.json", json.dumps(everything, indent=1))
     return rows
 
 
