@@ -17,7 +17,15 @@ from PIL import Image
 from saal.cli import main
 from saal.errors import SaalError
 from saal.experiment import ExperimentSpec, RunConfig, run_folder, run_grid
-from saal.report import build_report, compare, find_runs, group_runs, normalised_auc, win_tie_loss
+from saal.report import (
+    build_report,
+    compare,
+    dataset_title,
+    find_runs,
+    group_runs,
+    normalised_auc,
+    win_tie_loss,
+)
 from saal.training import TrainConfig
 
 STRATEGIES = ["random", "entropy"]
@@ -240,3 +248,12 @@ def test_corrupt_rounds_file_is_a_one_line_error(experiment_dir: Path, tmp_path:
     (run_folder(broken, "random", 0) / "rounds.json").write_text("{not json")
     with pytest.raises(SaalError, match=r"rounds.json is unreadable \(JSONDecodeError\)"):
         build_report([broken], tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "title"),
+    [("folder:/data/cifar10-jpg", "cifar10-jpg"), ("folder:/data/cifar10-jpg/", "cifar10-jpg"),
+     ("npz:runs/../x.npz", "x.npz"), ("mnist", "mnist"), ("folder:", "folder:")],
+)  # fmt: skip
+def test_headings_name_folders_by_their_last_part(dataset: str, title: str) -> None:
+    assert dataset_title(dataset) == title

@@ -207,6 +207,17 @@ def strategy_order(runs: Sequence[RunRecord]) -> list[str]:
     return order
 
 
+def dataset_title(dataset: str) -> str:
+    """Return a dataset's name for headings: ``folder:/data/cifar10-jpg`` -> ``cifar10-jpg``, others unchanged.
+
+    The full name stays in each group's protocol line.
+    """
+    kind, sep, path = dataset.partition(":")
+    if sep and kind in ("folder", "npz") and path:
+        return Path(path.rstrip("/\\")).name or dataset
+    return dataset
+
+
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     """Group runs by dataset and protocol; one (strategy, seed) per group (the one with most rounds).
 
@@ -221,7 +232,7 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
         protocol = protocol_of(run.config)
         key = json.dumps(protocol, sort_keys=True)
         if key not in by_key:
-            by_key[key] = Group(str(protocol.get("dataset", "?")), protocol, order=order)
+            by_key[key] = Group(dataset_title(str(protocol.get("dataset", "?"))), protocol, order=order)
         group = by_key[key]
         twin = next((r for r in group.runs if r.strategy == run.strategy and r.seed == run.seed), None)
         if twin is None:
