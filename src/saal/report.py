@@ -352,22 +352,14 @@ def win_tie_loss(group: Group, paired_on: str = "auc", alpha: float = ALPHA) -> 
 
 
 # -- writing ------------------------------------------------------------------------------
-def _pct(ms: tuple[float, float, int], digits: int = 1) -> str:
+def _mean_std(ms: tuple[float, float, int], digits: int = 1, scale: float = 100.0) -> str:
+    """Format ``(mean, std, n)`` as ``mean ± std`` (scaled; 100 gives %); the std is left out for one value."""
     mean, std, n = ms
     if n == 0:
         return "–"
     if n == 1 or math.isnan(std):
-        return f"{100 * mean:.{digits}f}"
-    return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
-
-
-def _secs(ms: tuple[float, float, int]) -> str:
-    mean, std, n = ms
-    if n == 0:
-        return "–"
-    if n == 1 or math.isnan(std):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {std:.2f}"
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
@@ -464,11 +456,11 @@ def _markdown_group(
         cells = [
             f"`{row['strategy']}`{flag}",
             f"{row['finished']}/{n_seeds}",
-            *[_pct(row["at"][b]) for b in budgets],
-            _pct(row["auc"], 2),
-            _pct(row["final"]),
-            _pct(row["best"]),
-            _secs(row["acquire_seconds"]),
+            *[_mean_std(row["at"][b]) for b in budgets],
+            _mean_std(row["auc"], 2),
+            _mean_std(row["final"]),
+            _mean_std(row["best"]),
+            _mean_std(row["acquire_seconds"], 2, scale=1.0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
