@@ -68,15 +68,6 @@ def test_state_dict_round_trip(pool: Pool) -> None:
         Pool(pool.dataset, 5).load_state_dict(pool.state_dict())
 
 
-def test_inputs_never_give_targets(pool: Pool) -> None:
-    x, idx = pool.inputs([5])[0]
-    assert idx == 5 and float(x) == 5.0
-    labelled = pool.labelled_dataset()
-    assert len(labelled) == 0
-    pool.label([6], [2])
-    assert pool.labelled_dataset()[0][1] == 2
-
-
 def test_initial_indices_balanced_and_seeded() -> None:
     y = np.repeat(np.arange(5), 30)
     a = initial_indices(y, 10, 123)

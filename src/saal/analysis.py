@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 
 from saal.batching import input_batches
 from saal.errors import SaalError
-from saal.inference import model_device, preserved
-from saal.seeding import as_generator, derive_seed
+from saal.core.model_state import model_device, preserved
+from saal.core.seeding import as_generator, derive_seed
 from saal.sharpness import PERTURBATIONS, check_option, check_rho, pool_sharpness
 
 TERMS = ("loss", "grad_term", "sharpness_term")

@@ -29,8 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from saal.errors import SaalError
-from saal.experiment import ExperimentSpec, RunConfig
-from saal.training import OPTIMIZERS, TrainConfig
+from saal.settings import ExperimentSpec, RunConfig
+from saal.settings import OPTIMIZERS, TrainConfig
 
 _TRAIN = TrainConfig()
 _RUN = RunConfig()

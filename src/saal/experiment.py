@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,55 +36,11 @@ from saal.errors import RunInProgress, SaalError
 from saal.folder_lock import folder_lock
 from saal.models import build_model
 from saal.pool import Pool, initial_indices
+from saal.settings import ExperimentSpec, RunConfig
 from saal.strategies import Strategy, build_strategy
-from saal.training import TrainConfig, evaluate, fit
+from saal.training import evaluate, fit
 
 ROUND_FIELDS = ("round", "labelled", "accuracy", "train_seconds", "acquire_seconds", "chosen")
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines one active-learning run, apart from the strategy and the seed.
-
-    Attributes:
-        dataset: a registry name, ``folder:PATH`` or ``npz:PATH``.
-        model: a registry name.
-        initial: size of the initial labelled set.
-        initial_balanced: class-balanced (initial / classes per class) or uniform initial set.
-        query: items acquired per round.
-        rounds: acquisition rounds (the run records rounds + 1 accuracies).
-        reinit: re-initialise to the same initial weights every round (else warm-start).
-        subset: pool subset size for every strategy (None: whole pool).
-        score_batch_size: pool items scored at once.
-        device: torch device for training and scoring.
-        train: the training settings.
-    """
-
-    dataset: str = "digits"
-    model: str = "mlp"
-    initial: int = 20
-    initial_balanced: bool = True
-    query: int = 20
-    rounds: int = 5
-    reinit: bool = True
-    subset: int | None = None
-    score_batch_size: int = 256
-    device: str = "cpu"
-    data_dir: str | None = None
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        for key in ("initial", "query", "score_batch_size"):
-            if getattr(self, key) < 1:
-                raise SaalError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.rounds < 0:
-            raise SaalError(f"rounds must be >= 0, got {self.rounds}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -439,34 +395,6 @@ def write_summary(out: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     writer.writerows(rows)
     _atomic_write_text(path, text.getvalue())
     return path
-
-
-@dataclass
-class ExperimentSpec:
-    """A grid of runs: every strategy x every seed, under one :class:`RunConfig`."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    strategies: list[str] = field(default_factory=lambda: ["random", "entropy", "saal"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    out: str = "runs/default"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.run, dict):
-            self.run = RunConfig(**self.run)
-        if not self.strategies:
-            raise SaalError("no strategies given; name at least one, e.g. --strategies random,entropy")
-        if not self.seeds:
-            raise SaalError("no seeds given; give a count (--seeds 3) or a list (--seeds 123,456)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise SaalError(f"seeds repeat: {self.seeds}; give each seed once")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.run.to_dict(),
-            "strategies": list(self.strategies),
-            "seeds": list(self.seeds),
-            "out": self.out,
-        }
 
 
 def check_device(name: str) -> torch.device:

@@ -6,156 +6,176 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
+from saal.core.pool_state import ItemState, PoolState
+from saal.core.seeding import as_generator
 from saal.errors import SaalError
-from saal.seeding import as_generator
-
-UNLABELLED = -1
+from saal.tasks import Classification, Task
 
 
 class Pool:
-    """Which items of a dataset are labelled, with which label, and since which round.
+    """Which items of a dataset are labelled, skipped or unlabelled, with which label, since which round.
 
-    Every public call speaks *dataset indices* (``0 .. len(dataset) - 1``), never positions
-    in an internal array. The dataset must return ``(input, target)`` pairs; the target is
-    never read by the pool (strategies must not see true labels), only the input.
+    Every public call speaks *dataset indices* (``0 .. len(dataset) - 1``), never positions in an
+    internal array. The dataset must return ``(input, target)`` pairs; the target is never read by
+    the pool (strategies must not see true labels), only the input. Label values are whatever the
+    task says a label is (a class index for classification); the task checks them.
 
     Args:
         dataset: the torch ``Dataset`` the indices refer to.
-        num_classes: number of classes; labels must lie in ``0 .. num_classes - 1``.
+        num_classes: for classification, the number of classes (labels lie in ``0 .. num_classes - 1``).
+        task: the task instead (e.g. detection); ``num_classes`` is then not needed.
+
+    Raises:
+        SaalError: neither or both of ``num_classes`` and ``task``, or ``num_classes < 1``.
     """
 
-    def __init__(self, dataset: Dataset, num_classes: int) -> None:
-        if num_classes < 1:
-            raise SaalError(f"num_classes must be at least 1, got {num_classes}")
+    def __init__(self, dataset: Dataset, num_classes: int | None = None, *, task: Task | None = None) -> None:
+        if (num_classes is None) == (task is None):
+            raise SaalError("give a Pool either num_classes (classification) or task=, not both or neither")
+        self.task: Task = task if task is not None else Classification(int(num_classes))  # type: ignore[arg-type]
         self.dataset = dataset
-        self.num_classes = int(num_classes)
-        n = len(dataset)  # type: ignore[arg-type]
-        self._labels = np.full(n, UNLABELLED, dtype=np.int64)
-        self._round = np.full(n, UNLABELLED, dtype=np.int64)
-        self.current_round = 0
+        self.state = PoolState(len(dataset))  # type: ignore[arg-type]
+
+    @property
+    def num_classes(self) -> int:
+        """The class count of a classification pool.
+
+        Raises:
+            SaalError: the pool's task has no classes.
+        """
+        n = getattr(self.task, "num_classes", None)
+        if n is None:
+            raise SaalError(f"a {self.task.name} pool has no num_classes")
+        return int(n)
+
+    @property
+    def current_round(self) -> int:
+        return self.state.current_round
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.state)
 
     @property
     def num_labelled(self) -> int:
-        return int((self._labels != UNLABELLED).sum())
+        return self.state.count(ItemState.LABELLED)
 
     @property
     def num_unlabelled(self) -> int:
-        return len(self) - self.num_labelled
+        return self.state.count(ItemState.UNLABELLED)
 
     def labelled_indices(self) -> np.ndarray:
         """Return the labelled dataset indices, ascending."""
-        return np.flatnonzero(self._labels != UNLABELLED)
+        return self.state.ids(ItemState.LABELLED)
 
     def unlabelled_indices(self) -> np.ndarray:
-        """Return the unlabelled dataset indices, ascending."""
-        return np.flatnonzero(self._labels == UNLABELLED)
+        """Return the unlabelled dataset indices (neither labelled nor skipped), ascending."""
+        return self.state.ids(ItemState.UNLABELLED)
+
+    def skipped_indices(self) -> np.ndarray:
+        """Return the skipped dataset indices, ascending."""
+        return self.state.ids(ItemState.SKIPPED)
 
     def is_labelled(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Return a boolean array: whether each of ``indices`` is labelled."""
-        idx = self._check_range(indices)
-        return self._labels[idx] != UNLABELLED
+        return self.state.states(indices) == ItemState.LABELLED
 
-    def labels_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Return the labels given to ``indices``.
+    def labels_of(self, indices: Sequence[int] | np.ndarray) -> Any:
+        """Return the labels given to ``indices`` (an int64 array for classification).
 
         Raises:
             SaalError: if an index is out of range or not labelled.
         """
-        idx = self._check_range(indices)
-        missing = idx[self._labels[idx] == UNLABELLED]
-        if missing.size:
-            raise SaalError(f"dataset index {int(missing[0])} is not labelled; label it first")
-        return self._labels[idx].copy()
+        return self.task.stack_labels(self.state.labels(indices))
 
     def round_labelled(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Return the round at which each index was labelled (-1 where unlabelled)."""
-        return self._round[self._check_range(indices)].copy()
+        return self.state.rounds(indices)
 
-    def label(
-        self,
-        indices: Sequence[int] | np.ndarray,
-        labels: Sequence[int] | np.ndarray,
-    ) -> None:
-        """Label ``indices`` with ``labels`` at the current round.
+    def label(self, indices: Sequence[int] | np.ndarray, labels: Any, annotator: str | None = None) -> None:
+        """Label ``indices`` with ``labels`` at the current round (``annotator``: who, optionally).
 
         Raises:
-            SaalError: an index out of range, already labelled or repeated, a label that is
-                not a class, or lengths that differ. Nothing is changed then.
+            SaalError: an index out of range, already labelled or repeated, a label that is not a
+                label of the task, or lengths that differ. Nothing is changed then.
         """
-        idx = self._check_range(indices)
-        lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if lab.shape != idx.shape:
-            raise SaalError(f"label() got {idx.size} indices but {lab.size} labels; give one label per index")
-        uniq, counts = np.unique(idx, return_counts=True)
-        if (counts > 1).any():
-            raise SaalError(f"dataset index {int(uniq[counts > 1][0])} is repeated; give each index once")
-        already = idx[self._labels[idx] != UNLABELLED]
-        if already.size:
-            raise SaalError(f"dataset index {int(already[0])} is already labelled; label only unlabelled indices")
-        bad = lab[(lab < 0) | (lab >= self.num_classes)]
-        if bad.size:
-            raise SaalError(f"label {int(bad[0])} is not a class; labels must lie in 0..{self.num_classes - 1}")
-        self._labels[idx] = lab
-        self._round[idx] = self.current_round
+        idx = self.state.check_ids(indices)
+        self.state.label(idx, self._values(labels, idx.size), annotator)
+
+    def relabel(self, indices: Sequence[int] | np.ndarray, labels: Any, annotator: str | None = None) -> None:
+        """Replace the labels of labelled ``indices``.
+
+        Raises:
+            SaalError: as :meth:`label`, and for an index that is not labelled.
+        """
+        idx = self.state.check_ids(indices)
+        self.state.relabel(idx, self._values(labels, idx.size), annotator)
+
+    def unlabel(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Return labelled or skipped ``indices`` to the unlabelled pool."""
+        self.state.unlabel(indices)
+
+    def skip(self, indices: Sequence[int] | np.ndarray, annotator: str | None = None) -> None:
+        """Set unlabelled ``indices`` aside: never offered again unless unlabelled."""
+        self.state.skip(indices, annotator)
+
+    def grow(self, dataset: Dataset) -> np.ndarray:
+        """Switch to ``dataset``, which holds this pool's items first and new ones after; return the new indices.
+
+        Raises:
+            SaalError: ``dataset`` is smaller than the pool.
+        """
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < len(self):
+            raise SaalError(f"a pool of {len(self)} items cannot grow into a dataset of {n}; append items instead")
+        self.dataset = dataset
+        return self.state.append(n - len(self))
 
     def next_round(self) -> None:
         """Advance the round counter that :meth:`label` records."""
-        self.current_round += 1
-
-    def labelled_dataset(self) -> Dataset:
-        """Return a ``Dataset`` of ``(input, given_label)`` over the labelled items."""
-        return LabelledSubset(self.dataset, self.labelled_indices(), self._labels)
-
-    def inputs(self, indices: Sequence[int] | np.ndarray) -> Dataset:
-        """Return a ``Dataset`` yielding ``(input, dataset_index)`` for ``indices``, no labels."""
-        return InputSubset(self.dataset, self._check_range(indices))
-
-    def loader(self, indices: Sequence[int] | np.ndarray, batch_size: int) -> DataLoader:
-        """Return an ordered ``DataLoader`` of ``(inputs, dataset_indices)`` batches over ``indices``."""
-        return DataLoader(self.inputs(indices), batch_size=batch_size, shuffle=False)
+        self.state.next_round()
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the pool's state (labels, rounds, round counter) as plain arrays."""
-        return {
-            "labels": self._labels.copy(),
-            "round": self._round.copy(),
-            "current_round": self.current_round,
-            "num_classes": self.num_classes,
-        }
+        """Return the pool's state (states, labels, rounds, round counter, task) as plain values."""
+        return {**self.state.state_dict(), "task": self.task.describe()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`.
+        """Restore a state from :meth:`state_dict`, or one written by saal 0.1.0.
 
         Raises:
-            SaalError: if the state was made for a dataset of another size or class count.
+            SaalError: if the state was made for a dataset of another size or another task.
         """
-        labels = np.asarray(state["labels"], dtype=np.int64)
-        if labels.shape != self._labels.shape or int(state["num_classes"]) != self.num_classes:
+        if "format" not in state:  # saal 0.1.0: labels (-1 = unlabelled), round, current_round, num_classes
+            labels = np.asarray(state["labels"], dtype=np.int64)
+            state = _from_0_1_0(labels, np.asarray(state["round"]), int(state["current_round"]), state["num_classes"])
+        size = len(state["state"])
+        if size != len(self) or state.get("task") != self.task.describe():
             raise SaalError(
-                f"pool state is for {labels.size} items and {state['num_classes']} classes, "
-                f"this pool has {len(self)} and {self.num_classes}; load it into a pool over the same dataset"
+                f"pool state is for {size} items and task {state.get('task')}, this pool has {len(self)} and "
+                f"{self.task.describe()}; load it into a pool over the same dataset"
             )
-        self._labels = labels.copy()
-        self._round = np.asarray(state["round"], dtype=np.int64).copy()
-        self.current_round = int(state["current_round"])
+        self.state.load_state_dict(state)
 
-    def _check_range(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        idx = np.asarray(indices)
-        if idx.size == 0:
-            return idx.astype(np.int64).reshape(-1)
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise SaalError(f"dataset indices must be integers, got {idx.dtype}")
-        idx = idx.astype(np.int64).reshape(-1)
-        bad = idx[(idx < 0) | (idx >= len(self))]
-        if bad.size:
-            raise SaalError(f"dataset index {int(bad[0])} is out of range; the dataset has {len(self)} items")
-        return idx
+    def _values(self, labels: Any, count: int) -> list[Any]:
+        checked = self.task.check_labels(labels, count)
+        return list(checked)
+
+
+def _from_0_1_0(labels: np.ndarray, rounds: np.ndarray, current: int, num_classes: int) -> dict[str, Any]:
+    ids = np.flatnonzero(labels >= 0)
+    legacy = PoolState(len(labels))
+    legacy.load_state_dict(
+        {
+            "format": 2,
+            "state": (labels >= 0).astype(np.int8),
+            "round": rounds,
+            "current_round": current,
+            "label_ids": ids,
+            "label_values": labels[ids].tolist(),
+        }
+    )
+    return {**legacy.state_dict(), "task": {"name": "classification", "num_classes": int(num_classes)}}
 
 
 def initial_indices(
@@ -201,35 +221,3 @@ def initial_indices(
             raise SaalError(f"class {cls} has only {members.size} items, fewer than {per} per class requested")
         chosen.append(rng.choice(members, size=per, replace=False))
     return np.sort(np.concatenate(chosen))
-
-
-class LabelledSubset(Dataset):
-    """``(input, given_label)`` for a fixed set of labelled dataset indices."""
-
-    def __init__(self, dataset: Dataset, indices: np.ndarray, labels: np.ndarray) -> None:
-        self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = np.asarray(labels)[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        x = self.dataset[int(self.indices[i])][0]
-        return x, int(self.labels[i])
-
-
-class InputSubset(Subset):
-    """``(input, dataset_index)`` for a fixed set of dataset indices: never the target."""
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:  # type: ignore[override]
-        idx = int(self.indices[i])
-        return self.dataset[idx][0], idx
-
-    def __getitems__(self, items: list[int]) -> list[tuple[Any, int]]:  # type: ignore[override]
-        return [self[i] for i in items]
-
-
-def as_index_tensor(indices: np.ndarray) -> torch.Tensor:
-    """Return ``indices`` as a 1-D int64 tensor."""
-    return torch.as_tensor(np.asarray(indices, dtype=np.int64))

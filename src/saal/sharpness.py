@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from saal.batching import input_batches
 from saal.errors import SaalError
-from saal.inference import model_device, preserved
+from saal.core.model_state import model_device, preserved
 from saal.models.base import Classifier, last_linear, logits_and_embedding
 
 PERTURBATIONS = ("asam", "sam")

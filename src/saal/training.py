@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -13,49 +13,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from saal.batching import input_batches, labelled_batches
-from saal.errors import SaalError
-from saal.inference import model_device, preserved
+from saal.core.model_state import model_device, preserved
 from saal.sam import SAM
-
-OPTIMIZERS = ("adam", "sgd", "sam")
-
-
-@dataclass
-class TrainConfig:
-    """How the model is trained each round.
-
-    Attributes:
-        optimizer: ``adam``, ``sgd`` or ``sam`` (SAM around SGD with ``momentum``).
-        lr, momentum, weight_decay: optimiser settings (momentum is for sgd and sam).
-        epochs: passes over the labelled set per round.
-        batch_size: training batch size.
-        augment: random crop (pad 4) and horizontal flip on each training batch.
-        sam_rho: SAM's radius.
-    """
-
-    optimizer: Literal["adam", "sgd", "sam"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 50
-    batch_size: int = 64
-    augment: bool = False
-    sam_rho: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise SaalError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise SaalError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "momentum", "weight_decay", "sam_rho"):
-            if getattr(self, key) < 0:
-                raise SaalError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.lr == 0:
-            raise SaalError("lr must be > 0")
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+from saal.settings import TrainConfig
 
 
 class TrainingHook(Protocol):

@@ -12,9 +12,9 @@ from torch import nn
 
 from saal.batching import input_batches
 from saal.errors import SaalError
-from saal.inference import model_device
+from saal.core.model_state import model_device
 from saal.pool import Pool
-from saal.seeding import derive_seed
+from saal.core.seeding import derive_seed
 from saal.strategies.base import ScoreStrategy
 
 

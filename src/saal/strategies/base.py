@@ -10,9 +10,9 @@ import numpy as np
 from torch import nn
 
 from saal.errors import SaalError
-from saal.inference import preserved
+from saal.core.model_state import preserved
 from saal.pool import Pool
-from saal.seeding import as_generator
+from saal.core.seeding import as_generator
 
 if TYPE_CHECKING:
     from saal.training import TrainingHook

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from saal.batching import input_batches
-from saal.inference import model_device
+from saal.core.model_state import model_device
 from saal.models.base import logits_and_embedding
 from saal.pool import Pool
 from saal.strategies.base import Selection, Strategy

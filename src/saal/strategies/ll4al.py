@@ -16,7 +16,7 @@ from torch import nn
 
 from saal.batching import input_batches
 from saal.errors import SaalError
-from saal.inference import model_device
+from saal.core.model_state import model_device
 from saal.pool import Pool
 from saal.strategies.base import ScoreStrategy
 

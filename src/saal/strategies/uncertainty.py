@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from saal.inference import predict_batches
+from saal.core.model_state import model_device
+from saal.core.scan import Batch, scan
 from saal.pool import Pool
 from saal.strategies.base import ScoreStrategy
 
@@ -15,13 +16,15 @@ class _SoftmaxScore(ScoreStrategy):
     """Scores computed batch by batch from softmax probabilities (bounded memory)."""
 
     def score(self, model: nn.Module, pool: Pool, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = np.empty(len(candidates), dtype=np.float64)
-        start = 0
-        for _, logits in predict_batches(model, pool.dataset, candidates, self.batch_size):
-            s = self.from_logits(logits.double()).cpu().numpy()
-            out[start : start + len(s)] = s
-            start += len(s)
-        return out
+        device = model_device(model)
+
+        def batch_scores(batch: Batch) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                logits = pool.task.forward(model, pool.task.to_device(batch.inputs, device))
+            return {"score": self.from_logits(logits.double())}
+
+        out = scan(pool.dataset, candidates, batch_scores, batch_size=self.batch_size, collate=pool.task.collate)
+        return out["score"].cpu().numpy()
 
     @staticmethod
     def from_logits(logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

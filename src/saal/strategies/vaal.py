@@ -17,9 +17,9 @@ from torch import nn
 
 from saal.batching import input_batches, load_inputs
 from saal.errors import SaalError
-from saal.inference import model_device
+from saal.core.model_state import model_device
 from saal.pool import Pool
-from saal.seeding import derive_seed
+from saal.core.seeding import derive_seed
 from saal.strategies.bald import forked_torch_rng
 from saal.strategies.base import Selection, Strategy, top_k
 

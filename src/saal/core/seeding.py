@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def as_generator(generator: np.random.Generator | int | None) -> np.random.Generator:
@@ -16,13 +15,6 @@ def as_generator(generator: np.random.Generator | int | None) -> np.random.Gener
     if generator is None or isinstance(generator, (int, np.integer)):
         return np.random.default_rng(generator)
     raise TypeError(f"expected a numpy Generator or an int seed, got {type(generator).__name__}")
-
-
-def torch_generator(rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Generator:
-    """Return a torch generator seeded from ``rng`` (advancing it), for torch-side randomness."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(rng.integers(0, 2**63 - 1)))
-    return g
 
 
 def derive_seed(rng: np.random.Generator) -> int:

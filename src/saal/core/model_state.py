@@ -1,16 +1,12 @@
-"""Running a model over a pool without changing it."""
+"""Where a model lives, and running it without leaving a trace."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
-
-from saal.batching import input_batches
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -41,23 +37,3 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
                 p.grad = g
             for b, saved in buffers:
                 b.copy_(saved)
-
-
-def predict_batches(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Yield ``(dataset indices, logits)`` per batch, with gradients off.
-
-    The caller decides the mode (use :func:`preserved` for eval mode).
-    """
-    device = model_device(model)
-    with torch.no_grad():
-        for idx, x in input_batches(dataset, indices, batch_size):
-            yield idx, model(x.to(device))
-
-
-def predict_probabilities(model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Return softmax probabilities (``len(indices) x C``, on CPU) in eval mode."""
-    with preserved(model):
-        out = [torch.softmax(logits, 1).cpu() for _, logits in predict_batches(model, dataset, indices, batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
