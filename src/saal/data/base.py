@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from saal.errors import SaalError
+
+if TYPE_CHECKING:
+    from saal.tasks.classification import Classification
 
 
 class ArrayDataset(Dataset):
@@ -62,6 +66,13 @@ class DatasetBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def task(self) -> Classification:
+        """The task the dataset is labelled for: classification into :attr:`classes`."""
+        from saal.tasks.classification import Classification  # tasks read datasets: imported late
+
+        return Classification(self.num_classes, self.classes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
