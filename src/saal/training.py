@@ -1,4 +1,4 @@
-"""Fitting a model on the labelled set and measuring test accuracy."""
+"""Fitting a model on the labelled set, and measuring it on a test set, through the task seam."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from saal.batching import input_batches, labelled_batches
-from saal.core.model_state import model_device, preserved
+from saal.core.model_state import model_device
+from saal.core.scan import training_batches
 from saal.sam import SAM
 from saal.settings import TrainConfig
+from saal.tasks import Classification, Task
+from saal.tasks.classification import dataset_targets
 
 
 class TrainingHook(Protocol):
@@ -90,6 +92,7 @@ def fit(
     generator: torch.Generator,
     hook: TrainingHook | None = None,
     optimizer_state: dict | None = None,
+    task: Task | None = None,
 ) -> FitResult:
     """Train ``model`` on ``dataset[indices]`` with the given ``labels``.
 
@@ -98,11 +101,13 @@ def fit(
         hook: an extra trainable part (see :class:`TrainingHook`).
         optimizer_state: an optimiser state from an earlier :func:`fit` to continue from
             (warm start); a fresh optimiser otherwise.
+        task: what a label and the loss are (default: classification, cross-entropy).
 
     Returns:
         A :class:`FitResult`.
     """
     start = time.perf_counter()
+    task = task if task is not None else Classification(1)  # cross-entropy needs no class count
     device = model_device(model)
     extra = hook.start(model, config.epochs) if hook is not None else []
     optimizer = make_optimizer([*model.parameters(), *extra], config)
@@ -112,14 +117,23 @@ def fit(
     epoch_loss = float("nan")
     for epoch in range(config.epochs):
         total, count = 0.0, 0
-        for x, y in labelled_batches(dataset, indices, labels, config.batch_size, generator):
+        batches = training_batches(
+            dataset,
+            indices,
+            labels,
+            config.batch_size,
+            generator,
+            collate=task.collate,
+            collate_targets=task.collate_targets,
+        )
+        for x, y in batches:
             if config.augment:
                 x = augment_batch(x, generator)
-            x, y = x.to(device), y.to(device)
+            x, y = task.to_device(x, device), task.to_device(y, device)
 
             def closure(x: torch.Tensor = x, y: torch.Tensor = y, epoch: int = epoch) -> torch.Tensor:
-                logits = model(x)
-                per_sample = F.cross_entropy(logits, y, reduction="none")
+                logits = task.forward(model, x)
+                per_sample = task.output_losses(logits, y)
                 loss = per_sample.mean()
                 if hook is not None:
                     extra_loss = hook.loss(model, x, y, logits, per_sample, epoch)
@@ -143,13 +157,13 @@ def fit(
     return FitResult(time.perf_counter() - start, epoch_loss, optimizer.state_dict())
 
 
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
-    """Return the accuracy of ``model`` (eval mode) on every item of ``dataset``, in [0, 1]."""
-    targets = np.asarray(getattr(dataset, "targets", [dataset[i][1] for i in range(len(dataset))]))  # type: ignore[arg-type]
-    correct = 0
-    device = model_device(model)
-    with preserved(model), torch.no_grad():
-        for idx, x in input_batches(dataset, np.arange(len(targets)), batch_size):
-            pred = model(x.to(device)).argmax(1).cpu().numpy()
-            correct += int((pred == targets[idx]).sum())
-    return correct / max(len(targets), 1)
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512, task: Task | None = None) -> float:
+    """Return the task's metric of ``model`` (eval mode; restored) on every item of ``dataset``.
+
+    Without ``task``: classification accuracy, in [0, 1]. :meth:`saal.tasks.Task.evaluate` gives
+    the metric's name and per-class values too.
+    """
+    if task is None:
+        targets = dataset_targets(dataset)
+        task = Classification(int(targets.max()) + 1 if len(targets) else 1)
+    return task.evaluate(model, dataset, batch_size).value

@@ -37,6 +37,11 @@ def strategy_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def strategies_for(task: str) -> list[str]:
+    """Return the registered strategy names that support the task named ``task``."""
+    return [n for n in _REGISTRY if task in strategy_class(n).tasks or "*" in strategy_class(n).tasks]
+
+
 def strategy_class(name: str) -> type[Strategy]:
     """Return the class registered under ``name``.
 
@@ -147,6 +152,7 @@ __all__ = [
     "build_strategy",
     "parse_spec",
     "split_specs",
+    "strategies_for",
     "strategy_class",
     "strategy_names",
     "strategy_options",

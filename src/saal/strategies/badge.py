@@ -14,14 +14,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from saal.core.model_state import model_device
+from saal.core.scan import Batch, scan
+from saal.core.selection import d2_sample
 from saal.models.base import last_linear
 from saal.pool import Pool
 from saal.strategies.base import Selection, Strategy
-from saal.strategies.coreset import embedding_batches
+from saal.tasks import Classification, Task
 
 
 def gradient_factors(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int
+    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int, task: Task | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the two factors of the gradient embeddings of ``dataset[indices]``.
 
@@ -32,22 +35,23 @@ def gradient_factors(
         ``g_i = outer(Q[i], H[i])``, exactly the gradient of ``CE(z_i, yhat_i)`` w.r.t. the last
         layer's weight (and bias), flattened row-major as ``[dW | db]`` per class.
     """
+    task = task if task is not None else Classification(1)  # the factors do not depend on the class count
     bias = last_linear(model).bias is not None
-    q_all: torch.Tensor | None = None
-    h_all: torch.Tensor | None = None
-    start = 0
-    for _, logits, emb in embedding_batches(model, dataset, indices, batch_size):
+    device = model_device(model)
+
+    def batch_factors(batch: Batch) -> dict[str, torch.Tensor]:
+        logits, emb = task.embed(model, task.to_device(batch.inputs, device))
         p = torch.softmax(logits.float(), dim=1)
         q = p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)
-        if q_all is None or h_all is None:  # allocated once, filled batch by batch
-            q_all = torch.empty(len(indices), q.shape[1], dtype=torch.float32, device=q.device)
-            h_all = torch.ones(len(indices), emb.shape[1] + int(bias), dtype=torch.float32, device=q.device)
-        q_all[start : start + len(q)] = q
-        h_all[start : start + len(q), : emb.shape[1]] = emb  # the last column stays 1 for the bias
-        start += len(q)
-    if q_all is None or h_all is None:
+        h = torch.ones(len(q), emb.shape[1] + int(bias), dtype=torch.float32, device=q.device)
+        h[:, : emb.shape[1]] = emb  # the last column stays 1 for the bias
+        return {"q": q, "h": h}
+
+    with torch.no_grad():
+        out = scan(dataset, indices, batch_factors, batch_size=batch_size, collate=task.collate)
+    if not out:
         return torch.empty(0, 0), torch.empty(0, 0)
-    return q_all, h_all
+    return out["q"], out["h"]
 
 
 def squared_distances_to(q: torch.Tensor, h: torch.Tensor, i: int, norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,8 +83,8 @@ def kmeans_pp(q: torch.Tensor, h: torch.Tensor, k: int, rng: np.random.Generator
 
     The first centre is the largest-norm embedding (as BADGE's code does); each next centre is
     drawn with probability proportional to its squared distance to the nearest centre so far
-    (``rng`` draws). If every remaining squared distance is 0 (duplicates), the next centre is
-    uniform among the points not yet chosen.
+    (``rng`` draws), by :func:`saal.core.selection.d2_sample`. If every remaining squared distance
+    is 0 (duplicates), the next centre is uniform among the points not yet chosen.
 
     Returns:
         ``(picks, d2)``: positions in pick order, and an ``N``-vector: for a picked point, its
@@ -88,35 +92,11 @@ def kmeans_pp(q: torch.Tensor, h: torch.Tensor, k: int, rng: np.random.Generator
         squared norm, its distance to the origin); for every other point, its squared distance to
         the nearest centre after all picks.
     """
-    n = len(q)
     norms = squared_norms(q, h)
-    picks = np.empty(k, dtype=np.int64)
-    at_pick = np.empty(k, dtype=np.float64)
-    taken = torch.zeros(n, dtype=torch.bool, device=q.device)
-    min_d2 = torch.full((n,), float("inf"), dtype=torch.float64, device=q.device)
-    for t in range(k):
-        if t == 0:
-            pick = int(torch.argmax(norms))
-            at_pick[t] = float(norms[pick])
-        else:
-            weights = min_d2.cpu().numpy()
-            total = weights.sum()
-            if total > 0:
-                cum = np.cumsum(weights)
-                pick = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-                pick = min(pick, n - 1)
-                while weights[pick] == 0:  # guard against a draw landing exactly on an edge
-                    pick -= 1
-            else:
-                pick = int(rng.choice(np.flatnonzero(~taken.cpu().numpy())))
-            at_pick[t] = float(weights[pick])
-        picks[t] = pick
-        taken[pick] = True
-        min_d2 = torch.minimum(min_d2, squared_distances_to(q, h, pick, norms))
-        min_d2[taken] = 0.0
-    final = min_d2.cpu().numpy().copy()
-    final[picks] = at_pick
-    return picks, final
+    first = int(torch.argmax(norms))
+    picks, d2 = d2_sample(len(q), k, first, lambda j: squared_distances_to(q, h, j, norms).cpu().numpy(), rng)
+    d2[first] = float(norms[first])
+    return picks, d2
 
 
 class BADGE(Strategy):
@@ -142,6 +122,6 @@ class BADGE(Strategy):
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
     ) -> Selection:
-        q, h = gradient_factors(model, pool.dataset, candidates, self.batch_size)
+        q, h = gradient_factors(model, pool.dataset, candidates, self.batch_size, pool.task)
         picks, scores = kmeans_pp(q, h, k, rng)
         return Selection(candidates[picks], candidates, scores)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from saal.batching import input_batches
-from saal.errors import SaalError
 from saal.core.model_state import model_device
-from saal.pool import Pool
+from saal.core.scan import Batch, scan
 from saal.core.seeding import derive_seed
+from saal.errors import SaalError
+from saal.pool import Pool
 from saal.strategies.base import ScoreStrategy
 
 
@@ -164,22 +164,22 @@ class BALD(ScoreStrategy):
         for m in dropouts:
             m.train()  # the base class puts everything back afterwards
         device = model_device(model)
-        out = np.empty(len(candidates), dtype=np.float64)
-        start = 0
+
+        def batch_scores(batch: Batch) -> dict[str, torch.Tensor]:
+            x = batch.inputs.to(device)
+            if self.reuse_prefix:
+                cache = PrefixCache(model, dropouts)
+                logits = [cache.first_pass(x)]
+                with cache.replaying():
+                    logits += [model(x) for _ in range(self.samples - 1)]
+            else:
+                logits = [model(x) for _ in range(self.samples)]
+            probs = torch.stack([torch.softmax(z.double(), dim=1) for z in logits])
+            return {"score": mutual_information(probs)}
+
         with forked_torch_rng(device, derive_seed(rng)), torch.no_grad():
-            for _, x in input_batches(pool.dataset, candidates, self.batch_size):
-                x = x.to(device)
-                if self.reuse_prefix:
-                    cache = PrefixCache(model, dropouts)
-                    logits = [cache.first_pass(x)]
-                    with cache.replaying():
-                        logits += [model(x) for _ in range(self.samples - 1)]
-                else:
-                    logits = [model(x) for _ in range(self.samples)]
-                probs = torch.stack([torch.softmax(z.double(), dim=1) for z in logits])
-                out[start : start + len(x)] = mutual_information(probs).cpu().numpy()
-                start += len(x)
-        return out
+            out = scan(pool.dataset, candidates, batch_scores, batch_size=self.batch_size, collate=pool.task.collate)
+        return out["score"].cpu().numpy()
 
     def __repr__(self) -> str:
         return (

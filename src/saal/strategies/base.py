@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from torch import nn
 
-from saal.errors import SaalError
 from saal.core.model_state import preserved
-from saal.pool import Pool
 from saal.core.seeding import as_generator
+from saal.core.selection import top_k
+from saal.errors import SaalError
+from saal.pool import Pool
+from saal.tasks import Task, check_task_support
 
 if TYPE_CHECKING:
     from saal.training import TrainingHook
@@ -48,6 +50,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = "strategy"
+    #: The tasks (``Task.name``) this strategy can score; ``"*"`` for any task.
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, *, batch_size: int = 256, subset: int | None = None) -> None:
         if batch_size < 1:
@@ -76,8 +80,10 @@ class Strategy(ABC):
             The :class:`Selection`: chosen indices and the scores behind them.
 
         Raises:
-            SaalError: if ``k`` is not in ``1 .. number of candidates``.
+            SaalError: if ``k`` is not in ``1 .. number of candidates``, or the strategy does not
+                support the pool's task.
         """
+        self.check_task(pool.task)
         rng = as_generator(generator)
         candidates = self.candidates(pool, k, rng)
         with preserved(model):
@@ -86,6 +92,16 @@ class Strategy(ABC):
         if len(chosen) != k or len(np.unique(chosen)) != k or pool.is_labelled(chosen).any():
             raise RuntimeError(f"{self.name} returned an invalid selection: {chosen[:10]}...")  # a bug, not input
         return Selection(chosen, np.asarray(sel.scored_indices, dtype=np.int64), np.asarray(sel.scores))
+
+    def check_task(self, task: Task) -> None:
+        """Raise a one-line error naming the strategies that can work on ``task`` when this one cannot.
+
+        Raises:
+            SaalError: the strategy does not support ``task``.
+        """
+        from saal.strategies import strategies_for
+
+        check_task_support(self.name, self.tasks, task, strategies_for(task.name))
 
     def candidates(self, pool: Pool, k: int, rng: np.random.Generator) -> np.ndarray:
         """Return the unlabelled indices to score: all of them, or a seeded random subset."""
@@ -141,8 +157,4 @@ class ScoreStrategy(Strategy):
         return Selection(candidates[top_k(scores, k, ascending=self.ascending)], candidates, scores)
 
 
-def top_k(scores: np.ndarray, k: int, *, ascending: bool = False) -> np.ndarray:
-    """Return the positions of the ``k`` largest (or smallest) scores, best first, ties by position."""
-    key = scores if ascending else -scores
-    key = np.where(np.isnan(key), np.inf, key)
-    return np.lexsort((np.arange(len(scores)), key))[:k]
+__all__ = ["ScoreStrategy", "Selection", "Strategy", "top_k"]

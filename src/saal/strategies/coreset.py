@@ -2,50 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from saal.batching import input_batches
 from saal.core.model_state import model_device
-from saal.models.base import logits_and_embedding
+from saal.core.scan import Batch, scan
 from saal.pool import Pool
 from saal.strategies.base import Selection, Strategy
+from saal.tasks import Classification, Task
 
 # Rows per block when comparing points with centres: a block is at most CHUNK x CHUNK floats.
 CHUNK = 2048
 
 
-def embedding_batches(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield ``(dataset indices, logits, penultimate embeddings)`` per batch, gradients off.
+def embeddings(
+    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int, task: Task | None = None
+) -> torch.Tensor:
+    """Return the task's embeddings of ``dataset[indices]`` (``len(indices) x d``, float32, model's device).
 
-    The caller decides the model's mode (strategies run in eval mode).
+    ``task`` defaults to classification (the input of the model's last ``nn.Linear``). Memory is
+    linear in ``len(indices)``; the pool is streamed ``batch_size`` items at a time.
     """
+    task = task if task is not None else Classification(1)  # the embedding does not depend on the class count
     device = model_device(model)
+
+    def batch_embeddings(batch: Batch) -> dict[str, torch.Tensor]:
+        _, emb = task.embed(model, task.to_device(batch.inputs, device))
+        return {"emb": emb.float()}
+
     with torch.no_grad():
-        for idx, x in input_batches(dataset, indices, batch_size):
-            logits, emb = logits_and_embedding(model, x.to(device))
-            yield idx, logits, emb.flatten(1)
-
-
-def embeddings(model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Return the penultimate embeddings of ``dataset[indices]`` (``len(indices) x d``, float32, model's device).
-
-    Memory is linear in ``len(indices)``; the pool is streamed ``batch_size`` items at a time.
-    """
-    out: torch.Tensor | None = None
-    start = 0
-    for _, _, emb in embedding_batches(model, dataset, indices, batch_size):
-        if out is None:  # allocated once: no list of batches to concatenate (which would double the peak)
-            out = torch.empty(len(indices), emb.shape[1], dtype=torch.float32, device=emb.device)
-        out[start : start + len(emb)] = emb
-        start += len(emb)
-    return out if out is not None else torch.empty(0, 0)
+        out = scan(dataset, indices, batch_embeddings, batch_size=batch_size, collate=task.collate)
+    return out["emb"] if out else torch.empty(0, 0)
 
 
 def nearest_distances(points: torch.Tensor, centres: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -122,8 +111,8 @@ class CoreSet(Strategy):
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
     ) -> Selection:
-        points = embeddings(model, pool.dataset, candidates, self.batch_size)
+        points = embeddings(model, pool.dataset, candidates, self.batch_size, pool.task)
         labelled = pool.labelled_indices()
-        centres = embeddings(model, pool.dataset, labelled, self.batch_size) if len(labelled) else points[:0]
+        centres = embeddings(model, pool.dataset, labelled, self.batch_size, pool.task) if len(labelled) else points[:0]
         picks, scores = k_center_greedy(points, centres, k, rng)
         return Selection(candidates[picks], candidates, scores)

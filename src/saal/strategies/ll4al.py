@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from saal.batching import input_batches
-from saal.errors import SaalError
 from saal.core.model_state import model_device
+from saal.core.scan import Batch, scan
+from saal.errors import SaalError
 from saal.pool import Pool
 from saal.strategies.base import ScoreStrategy
 
@@ -250,18 +250,19 @@ class LL4AL(ScoreStrategy):
         device = model_device(model)
         module = self.prepare_module(len(names), device)
         tap = _FeatureTap(model, names)
-        out = np.empty(len(candidates), dtype=np.float64)
-        start = 0
+
+        def batch_scores(batch: Batch) -> dict[str, torch.Tensor]:
+            model(batch.inputs.to(device))
+            return {"score": module(tap.features()).double()}
+
         try:
             with torch.no_grad():
-                for _, x in input_batches(pool.dataset, candidates, self.batch_size):
-                    model(x.to(device))
-                    pred = module(tap.features())
-                    out[start : start + len(pred)] = pred.double().cpu().numpy()
-                    start += len(pred)
+                out = scan(
+                    pool.dataset, candidates, batch_scores, batch_size=self.batch_size, collate=pool.task.collate
+                )
         finally:
             tap.remove()
-        return out
+        return out["score"].cpu().numpy()
 
     def state_dict(self) -> dict:
         """Return the loss-prediction module's weights (empty before the module exists)."""

@@ -13,6 +13,7 @@ class RandomSampling(Strategy):
     """Choose ``k`` candidates uniformly at random with the given generator. Scores nothing."""
 
     name = "random"
+    tasks = ("*",)
 
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator

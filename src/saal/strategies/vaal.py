@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saal.batching import input_batches, load_inputs
-from saal.errors import SaalError
 from saal.core.model_state import model_device
-from saal.pool import Pool
+from saal.core.scan import Batch, load_inputs, scan
 from saal.core.seeding import derive_seed
+from saal.errors import SaalError
+from saal.pool import Pool
 from saal.strategies.bald import forked_torch_rng
 from saal.strategies.base import Selection, Strategy, top_k
 
@@ -189,7 +189,7 @@ class VAAL(Strategy):
         if len(labelled) == 0:
             raise SaalError("vaal needs at least one labelled item to tell labelled from unlabelled; label some first")
         device = model_device(model)
-        input_shape = tuple(load_inputs(pool.dataset, candidates[:1]).shape[1:])
+        input_shape = tuple(load_inputs(pool.dataset, candidates[:1], pool.task.collate).shape[1:])
         with forked_torch_rng(device, derive_seed(rng)):
             vae = VAE(input_shape, self.latent_dim, self.width).to(device)
             disc = Discriminator(self.latent_dim).to(device)
@@ -199,7 +199,7 @@ class VAAL(Strategy):
 
     def _batch(self, pool: Pool, indices: np.ndarray, rng: np.random.Generator, device: torch.device) -> torch.Tensor:
         idx = rng.choice(indices, size=self.train_batch, replace=len(indices) < self.train_batch)
-        return load_inputs(pool.dataset, np.sort(idx)).to(device)
+        return load_inputs(pool.dataset, np.sort(idx), pool.task.collate).to(device)
 
     def _train(
         self,
@@ -250,15 +250,14 @@ class VAAL(Strategy):
     ) -> np.ndarray:
         vae.eval()
         disc.eval()
-        out = np.empty(len(candidates), dtype=np.float64)
-        start = 0
+
+        def batch_scores(batch: Batch) -> dict[str, torch.Tensor]:
+            mu, _ = vae.encode(batch.inputs.to(device))
+            return {"p": torch.sigmoid(disc(mu).double())}
+
         with torch.no_grad():
-            for _, x in input_batches(pool.dataset, candidates, self.batch_size):
-                mu, _ = vae.encode(x.to(device))
-                p = torch.sigmoid(disc(mu).double()).cpu().numpy()
-                out[start : start + len(p)] = p
-                start += len(p)
-        return out
+            out = scan(pool.dataset, candidates, batch_scores, batch_size=self.batch_size, collate=pool.task.collate)
+        return out["p"].cpu().numpy()
 
     def __repr__(self) -> str:
         return (
