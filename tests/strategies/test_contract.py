@@ -14,21 +14,15 @@ from saal.data import DatasetBundle
 from saal.errors import SaalError
 from saal.models import build_model
 from saal.pool import Pool, initial_indices
-from saal.strategies import Strategy, build_strategy, strategy_class, strategy_names
+from saal.strategies import Strategy, build_strategy, strategy_names
 from saal.training import TrainConfig, fit
 
 # Cheaper settings where a strategy has an expensive default; the contract does not depend on them.
 FAST = {"bald": "bald[samples=4]", "vaal": "vaal[steps=4,train_batch=16]"}
-OWNED_ELSEWHERE = {"saal", "saal-reference"}
 BASELINES = ["entropy", "least-confidence", "margin", "bald", "coreset", "badge", "ll4al", "vaal"]
 
 
 def _strategy(name: str, **overrides: object) -> Strategy:
-    if name in OWNED_ELSEWHERE:
-        try:
-            strategy_class(name)
-        except ImportError as exc:
-            pytest.skip(f"strategy {name!r} is not importable yet: {exc}")
     return build_strategy(FAST.get(name, name), **overrides)
 
 
