@@ -31,7 +31,7 @@ class Pool:
         SaalError: neither or both of ``num_classes`` and ``task``, or ``num_classes < 1``.
     """
 
-    def __init__(self, dataset: Dataset, num_classes: int | None = None, *, task: Task | None = None) -> None:
+    def __init__(self, dataset: Dataset[Any], num_classes: int | None = None, *, task: Task | None = None) -> None:
         if (num_classes is None) == (task is None):
             raise SaalError("give a Pool either num_classes (classification) or task=, not both or neither")
         self.task: Task = task if task is not None else Classification(int(num_classes))  # type: ignore[arg-type]
@@ -79,7 +79,8 @@ class Pool:
 
     def is_labelled(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Return a boolean array: whether each of ``indices`` is labelled."""
-        return self.state.states(indices) == ItemState.LABELLED
+        labelled: np.ndarray = self.state.states(indices) == ItemState.LABELLED
+        return labelled
 
     def labels_of(self, indices: Sequence[int] | np.ndarray) -> Any:
         """Return the labels given to ``indices`` (an int64 array for classification).
@@ -120,7 +121,7 @@ class Pool:
         """Set unlabelled ``indices`` aside: never offered again unless unlabelled."""
         self.state.skip(indices, annotator)
 
-    def grow(self, dataset: Dataset) -> np.ndarray:
+    def grow(self, dataset: Dataset[Any]) -> np.ndarray:
         """Switch to ``dataset``, which holds this pool's items first and new ones after; return the new indices.
 
         Raises:

@@ -52,7 +52,7 @@ class PoolState:
     # -- reading ---------------------------------------------------------------------------
     def ids(self, state: ItemState) -> np.ndarray:
         """Return the ids in ``state``, ascending."""
-        return np.flatnonzero(self._state == state)
+        return np.flatnonzero(self._state == state).astype(np.int64)
 
     def count(self, state: ItemState) -> int:
         """Return how many items are in ``state``."""
@@ -60,7 +60,8 @@ class PoolState:
 
     def states(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Return the :class:`ItemState` value of each id."""
-        return self._state[self.check_ids(ids)].copy()
+        states: np.ndarray = self._state[self.check_ids(ids)].copy()
+        return states
 
     def labels(self, ids: Sequence[int] | np.ndarray) -> list[Any]:
         """Return the label given to each id.
@@ -76,7 +77,8 @@ class PoolState:
 
     def rounds(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Return the round at which each id was labelled (-1 where it is not labelled)."""
-        return self._round[self.check_ids(ids)].copy()
+        rounds: np.ndarray = self._round[self.check_ids(ids)].copy()
+        return rounds
 
     def annotators(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
         """Return who labelled each id (None where nobody was named)."""

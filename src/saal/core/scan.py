@@ -41,10 +41,10 @@ class Batch:
         return len(self.indices)
 
 
-class _Inputs(Dataset):
+class _Inputs(Dataset[Any]):
     """``dataset[indices[i]]``'s input alone: targets are never handed to the scan's user."""
 
-    def __init__(self, dataset: Dataset, indices: np.ndarray) -> None:
+    def __init__(self, dataset: Dataset[Any], indices: np.ndarray) -> None:
         self.dataset, self.indices = dataset, indices
 
     def __len__(self) -> int:
@@ -54,7 +54,7 @@ class _Inputs(Dataset):
         return self.dataset[int(self.indices[i])][0]
 
 
-def load_inputs(dataset: Dataset, indices: np.ndarray, collate: Collate | None = None) -> Any:
+def load_inputs(dataset: Dataset[Any], indices: np.ndarray, collate: Collate | None = None) -> Any:
     """Return the collated inputs of ``dataset`` at ``indices`` (targets are not read)."""
     if isinstance(dataset, ArrayDataset):  # ready tensors: slicing is stacking, without the copies
         return dataset.inputs[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
@@ -62,7 +62,7 @@ def load_inputs(dataset: Dataset, indices: np.ndarray, collate: Collate | None =
 
 
 def batches(
-    dataset: Dataset,
+    dataset: Dataset[Any],
     indices: Sequence[int] | np.ndarray,
     batch_size: int,
     *,
@@ -95,7 +95,7 @@ def batches(
 
 
 def scan(
-    dataset: Dataset,
+    dataset: Dataset[Any],
     indices: Sequence[int] | np.ndarray,
     fn: Callable[[Batch], dict[str, torch.Tensor]],
     *,
@@ -128,7 +128,7 @@ def scan(
 
 
 def _fill(
-    dataset: Dataset,
+    dataset: Dataset[Any],
     idx: np.ndarray,
     fn: Callable[[Batch], dict[str, torch.Tensor]],
     batch_size: int,
@@ -148,7 +148,7 @@ def _fill(
 
 
 def training_batches(
-    dataset: Dataset,
+    dataset: Dataset[Any],
     indices: np.ndarray,
     targets: Sequence[Any] | np.ndarray,
     batch_size: int,

@@ -51,7 +51,8 @@ def strategy_class(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
         raise SaalError(f"unknown strategy {name!r}; choose one of {', '.join(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    found: type[Strategy] = getattr(importlib.import_module(module), cls)
+    return found
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -113,7 +114,7 @@ def strategy_options(name: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if "__init__" in vars(klass) and klass is not object:
-            for p in inspect.signature(klass.__init__).parameters.values():
+            for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
                 if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                     options[p.name] = p.default
     return options

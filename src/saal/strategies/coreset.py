@@ -84,6 +84,7 @@ def k_center_greedy(
         picks[t] = pick
         min_d = torch.minimum(min_d, nearest_distances(points, points[pick : pick + 1]))
         min_d[pick] = -float("inf")  # never picked twice, even among duplicates
+    assert min_d is not None  # k >= 1 picks made it a tensor
     final = min_d.double().cpu().numpy()
     final[picks] = at_pick
     return picks, final

@@ -66,7 +66,7 @@ class VAE(nn.Module):
                     )
                 )
             # Straight to the image's channels at full resolution: a wide block there would cost most of the VAE.
-            self.final = nn.Conv2d(chans[1] if len(chans) > 1 else c, c, 3, padding=1)
+            self.final: nn.Module = nn.Conv2d(chans[1] if len(chans) > 1 else c, c, 3, padding=1)
         elif len(self.input_shape) == 1:
             d = self.input_shape[0]
             self.encoder = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())

@@ -89,7 +89,7 @@ class Task(ABC):
         """Return ``(outputs, embeddings)``: the outputs and one feature vector per item ``(batch, d)``."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, dataset: Dataset, batch_size: int = 512) -> Metric:
+    def evaluate(self, model: nn.Module, dataset: Dataset[Any], batch_size: int = 512) -> Metric:
         """Return the model's :class:`Metric` on every item of ``dataset`` (in eval mode; the model is restored)."""
 
     def describe(self) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class Classification(Task):
         logits, emb = logits_and_embedding(model, inputs)
         return logits, emb.flatten(1)
 
-    def evaluate(self, model: nn.Module, dataset: Dataset, batch_size: int = 512) -> Metric:
+    def evaluate(self, model: nn.Module, dataset: Dataset[Any], batch_size: int = 512) -> Metric:
         """Return the accuracy (and per-class accuracy) of ``model`` on every item of ``dataset``."""
         targets = dataset_targets(dataset)
         device = model_device(model)
@@ -100,7 +100,7 @@ def check_logits(outputs: Any, n: int | None = None) -> torch.Tensor:
     return outputs
 
 
-def dataset_targets(dataset: Dataset) -> np.ndarray:
+def dataset_targets(dataset: Dataset[Any]) -> np.ndarray:
     """Return the true class of every item: ``dataset.targets`` when it has them, else read item by item."""
     targets = getattr(dataset, "targets", None)
     if targets is None:
