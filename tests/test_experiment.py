@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -117,29 +116,11 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("extra", "needle"), BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, extra: list[str], needle: str) -> None:
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "saal",
-            "run",
-            "--strategies",
-            "random",
-            "--rounds",
-            "1",
-            "--epochs",
-            "1",
-            "--quiet",
-            "--out",
-            str(out),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["run", "--strategies", "random", "--rounds", "1", "--epochs", "1", "--quiet", "--out", str(out)]
+    code = main([*args, *extra])
+    proc = SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("saal") and "error:" in lines[0], proc.stderr
@@ -148,14 +129,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path: Path, extra: lis
     assert not out.exists()
 
 
-def test_out_folder_with_a_different_run_is_refused(tmp_path: Path) -> None:
+def test_out_folder_with_a_different_run_is_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     base = ["run", "--strategies", "random", "--seeds", "1", "--rounds", "1", "--epochs", "1", "--quiet"]
     assert main([*base, "--out", str(out)]) == 0
     before = (out / "random" / "seed-0" / "rounds.json").read_text()
-    proc = subprocess.run(
-        [sys.executable, "-m", "saal", *base, "--epochs", "2", "--out", str(out)], capture_output=True, text=True
-    )
+    capsys.readouterr()
+    proc = SimpleNamespace(returncode=main([*base, "--epochs", "2", "--out", str(out)]), stderr=capsys.readouterr().err)
     assert proc.returncode == 2
     assert "holds a different run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "random" / "seed-0" / "rounds.json").read_text() == before
@@ -169,7 +149,7 @@ def test_help_explains_every_option(capsys) -> None:
         assert option in text
 
 
-def test_dataset_options_reach_the_loader(tmp_path: Path) -> None:
+def test_dataset_options_reach_the_loader(tmp_path: Path, capsys) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -180,8 +160,7 @@ def test_dataset_options_reach_the_loader(tmp_path: Path) -> None:
             Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
     base = ["run", "--dataset", f"folder:{tmp_path / 'imgs'}", "--model", "cnn", "--strategies", "random",
             "--seeds", "1", "--initial", "4", "--query", "2", "--rounds", "1", "--epochs", "1", "--quiet"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "saal", *base, "--out", str(tmp_path / "a")], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = SimpleNamespace(returncode=main([*base, "--out", str(tmp_path / "a")]), stderr=capsys.readouterr().err)
     assert proc.returncode == 2 and "image_size" in proc.stderr
     assert main([*base, "--dataset-option", "image_size=8", "--out", str(tmp_path / "b")]) == 0
     stored = json.loads((tmp_path / "b" / "random" / "seed-0" / "config.json").read_text())

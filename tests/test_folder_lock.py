@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from saal.folder_lock import LOCK_FILE, folder_lock
+from saal.experiment.folder_lock import LOCK_FILE, folder_lock
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 
 HOLD = """
 import sys, time
-from saal.folder_lock import folder_lock
+from saal.experiment.folder_lock import folder_lock
 with folder_lock(sys.argv[1]) as held:
     print("held" if held else "free", flush=True)
     time.sleep(120)

@@ -6,9 +6,8 @@ import csv
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -219,7 +218,7 @@ def test_runs_written_before_a_setting_existed_share_the_protocol(experiment_dir
     assert len(group_runs(find_runs([old]))) == 2
 
 
-def test_missing_or_empty_folders_are_one_line_errors(tmp_path: Path) -> None:
+def test_missing_or_empty_folders_are_one_line_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     for folders, needle in [
@@ -230,12 +229,9 @@ def test_missing_or_empty_folders_are_one_line_errors(tmp_path: Path) -> None:
     ]:
         with pytest.raises(SaalError, match=needle):
             build_report(folders, tmp_path / "out")
-    proc = subprocess.run(
-        [sys.executable, "-m", "saal", "report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    capsys.readouterr()
+    code = main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    proc = SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("saal: error:") and "holds no runs" in lines[0]

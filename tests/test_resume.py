@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 import saal.experiment as experiment
+import saal.experiment.storage as storage
 from saal.experiment import ActiveLearningRun, ExperimentSpec, RunConfig, run_folder, run_grid
 from saal.strategies import strategy_names
 from saal.training import TrainConfig
@@ -166,7 +166,7 @@ def test_kill_between_rounds_file_and_checkpoint(digits, tmp_path: Path, monkeyp
     cfg = tiny()
     reference = ActiveLearningRun(cfg, "entropy", 1, tmp_path / "ref", bundle=digits).run()
     saves = {"n": 0}
-    real_save = experiment._atomic_torch_save
+    real_save = storage.atomic_torch_save
 
     def dies_at_the_third_checkpoint(obj: object, path: Path) -> None:
         if path.name == "checkpoint.pt":
@@ -175,7 +175,7 @@ def test_kill_between_rounds_file_and_checkpoint(digits, tmp_path: Path, monkeyp
                 raise Interrupt  # rounds.json already holds round 2; the checkpoint still round 1
         real_save(obj, path)
 
-    monkeypatch.setattr(experiment, "_atomic_torch_save", dies_at_the_third_checkpoint)
+    monkeypatch.setattr(storage, "atomic_torch_save", dies_at_the_third_checkpoint)
     folder = tmp_path / "run"
     with pytest.raises(Interrupt):
         ActiveLearningRun(cfg, "entropy", 1, folder, bundle=digits).run()
@@ -203,7 +203,7 @@ def test_resume_may_change_device_and_data_dir_but_nothing_else(digits, tmp_path
 def test_a_grid_resumed_in_process_equals_one_run_straight(digits, tmp_path: Path) -> None:
     spec = ExperimentSpec(run=tiny(rounds=2), strategies=["entropy", "margin"], seeds=[0, 1], out=str(tmp_path / "a"))
     straight = run_grid(spec, digits)
-    spec_b = ExperimentSpec(**{**asdict(spec), "run": tiny(rounds=2), "out": str(tmp_path / "b")})
+    spec_b = ExperimentSpec(**{**spec.to_dict(), "run": tiny(rounds=2), "out": str(tmp_path / "b")})
     calls = {"n": 0}
 
     def stop_in_the_third_run(strategy: str, seed: int, r: experiment.RoundResult) -> None:
@@ -260,7 +260,7 @@ def test_two_commands_side_by_side_split_the_grid(uninterrupted: tuple[Path, Pat
 
 def test_a_run_held_by_another_process_is_skipped_by_a_grid(digits, tmp_path: Path) -> None:
     from saal.errors import RunInProgress
-    from saal.folder_lock import folder_lock
+    from saal.experiment.folder_lock import folder_lock
 
     cfg = RunConfig(initial=20, query=10, rounds=1, train=TrainConfig(epochs=2, batch_size=32))
     spec = ExperimentSpec(run=cfg, strategies=["random", "entropy"], seeds=[0], out=str(tmp_path))

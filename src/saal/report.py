@@ -7,16 +7,19 @@ the data folder); runs of one protocol found in several folders are pooled. For 
 writes a markdown table, a learning-curve PNG and a win/tie/loss matrix; a long CSV holds every
 number behind them.
 
-Metrics of one run (accuracy in [0, 1], reported in %):
+Each run stores one test metric per round under its name (``config.json``'s ``metric``: ``accuracy`` for
+classification, ``map`` for detection; a folder without it, written by saal 0.1.0, stores ``accuracy``).
+Tables, plots and CSV columns are labelled with that name. Numbers of one run (the metric in [0, 1],
+reported in %):
 
-- accuracy at a budget: test accuracy after training on that many labels;
-- AUC: the area under the accuracy-vs-labels curve (trapezoid rule over the labelled counts),
+- the metric at a budget: its value after training on that many labels;
+- AUC: the area under the metric-vs-labels curve (trapezoid rule over the labelled counts),
   divided by the budget range (last minus first labelled count), so it lies in [0, 1];
-- final: accuracy after the last round; best: the largest accuracy over all rounds (the
+- final: the metric after the last round; best: its largest value over all rounds (the
   headline number of the SAAL paper);
 - acquisition seconds per round: mean wall time of ``select`` over the rounds that acquired.
 
-AUC, final and best are computed over finished runs only; accuracy at a budget and the seconds
+AUC, final and best are computed over finished runs only; the metric at a budget and the seconds
 use every round that exists.
 """
 
@@ -35,12 +38,22 @@ from typing import Any
 import numpy as np
 
 from saal.errors import SaalError
-from saal.experiment import OPTIONAL_EMPTY
+from saal.experiment.storage import (
+    DEFAULT_METRIC,
+    INFORMATIONAL,
+    RESUME_IGNORED,
+    RUN_KEYS,
+    metric_of_config,
+    setting_defaults,
+    with_defaults,
+)
 
 ALPHA = 0.05
 PAIRED_ON = ("auc", "rounds")
-# config.json keys that say which run it is rather than which protocol it follows.
-_RUN_IDENTITY = ("strategy", "strategy_repr", "seed", "seed_streams", "device", "data_dir")
+# config.json keys that say which run it is, where it ran, or describe it, rather than which protocol it follows.
+_RUN_IDENTITY = frozenset(RUN_KEYS) | INFORMATIONAL | RESUME_IGNORED
+# Short names of metrics for column heads (others are used as they are).
+_SHORT_NAMES = {"accuracy": "acc"}
 
 
 @dataclass
@@ -50,7 +63,7 @@ class RunRecord:
     Attributes:
         folder: the run folder.
         config: its ``config.json``.
-        rows: its ``rounds.json`` rows (round, labelled, accuracy, train_seconds, acquire_seconds, chosen).
+        rows: its ``rounds.json`` rows (round, labelled, <metric>, train_seconds, acquire_seconds, chosen).
     """
 
     folder: Path
@@ -74,11 +87,22 @@ class RunRecord:
         return np.array([r["labelled"] for r in self.rows], dtype=np.float64)
 
     @property
+    def metric(self) -> str:
+        """The name of the metric the run stored (``accuracy`` for a 0.1.0 folder)."""
+        return metric_of_config(self.config)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The run's metric, one value per round."""
+        return np.array([r[self.metric] for r in self.rows], dtype=np.float64)
+
+    @property
     def accuracy(self) -> np.ndarray:
-        return np.array([r["accuracy"] for r in self.rows], dtype=np.float64)
+        """The run's metric per round (:attr:`scores`; the name of classification's metric)."""
+        return self.scores
 
     def auc(self) -> float:
-        """Return the area under the accuracy curve over the labelled counts, divided by their range."""
+        """Return the area under the metric curve over the labelled counts, divided by their range."""
         return normalised_auc(self.labelled, self.accuracy)
 
     def acquire_seconds(self) -> float:
@@ -95,6 +119,7 @@ class Group:
     protocol: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # strategy order of the experiments' files
+    metric: str = DEFAULT_METRIC  # what every run of the group stored
 
     @property
     def strategies(self) -> list[str]:
@@ -166,7 +191,8 @@ def find_runs(folders: Sequence[str | os.PathLike]) -> list[RunRecord]:
             if not rounds_path.exists():
                 continue
             rows = _read_json(rounds_path)
-            if not isinstance(rows, list) or not all(isinstance(r, dict) and "accuracy" in r for r in rows):
+            metric = metric_of_config(config)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) and metric in r for r in rows):
                 raise SaalError(f"{rounds_path} is not a list of rounds; delete that run folder or rerun it")
             if rows:
                 seen.add(cfg_path.parent.resolve())
@@ -186,12 +212,13 @@ def _read_json(path: Path) -> Any:
 
 
 def protocol_of(config: dict[str, Any]) -> dict[str, Any]:
-    """Return the protocol part of a run's ``config.json``: everything but which run it is.
+    """Return the protocol part of a run's ``config.json``: every setting but which run it is and where it ran.
 
-    Settings left at their empty default (``dataset_options: {}``) are dropped, so that runs written before such
-    a setting existed share a protocol with newer runs.
+    A setting the file lacks takes today's default, so that runs written before that setting existed share a
+    protocol with newer runs; informational fields (saal version, task, metric, strategy details) are left out.
     """
-    return {k: v for k, v in config.items() if k not in _RUN_IDENTITY and v not in OPTIONAL_EMPTY}
+    filled = with_defaults(config, setting_defaults())
+    return {k: v for k, v in filled.items() if k not in _RUN_IDENTITY}
 
 
 def strategy_order(runs: Sequence[RunRecord]) -> list[str]:
@@ -230,9 +257,10 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     order = strategy_order(runs)
     for run in runs:
         protocol = protocol_of(run.config)
-        key = json.dumps(protocol, sort_keys=True)
+        key = json.dumps([run.metric, protocol], sort_keys=True)
         if key not in by_key:
-            by_key[key] = Group(dataset_title(str(protocol.get("dataset", "?"))), protocol, order=order)
+            name = dataset_title(str(protocol.get("dataset", "?")))
+            by_key[key] = Group(name, protocol, order=order, metric=run.metric)
         group = by_key[key]
         twin = next((r for r in group.runs if r.strategy == run.strategy and r.seed == run.seed), None)
         if twin is None:
@@ -258,10 +286,10 @@ def budget_points(group: Group, count: int = 5) -> list[int]:
 
 
 def accuracy_at(run: RunRecord, budget: int) -> float:
-    """Return the run's accuracy at ``budget`` labels (nan if it did not reach it)."""
+    """Return the run's metric (accuracy for classification) at ``budget`` labels (nan if it did not reach it)."""
     for r in run.rows:
         if int(r["labelled"]) == budget:
-            return float(r["accuracy"])
+            return float(r[run.metric])
     return math.nan
 
 
@@ -278,8 +306,8 @@ def strategy_summary(group: Group, budgets: Sequence[int]) -> list[dict[str, Any
                 "finished": len(done),
                 "at": {b: mean_std([accuracy_at(r, b) for r in runs]) for b in budgets},
                 "auc": mean_std([r.auc() for r in done]),
-                "final": mean_std([float(r.accuracy[-1]) for r in done]),
-                "best": mean_std([float(r.accuracy.max()) for r in done]),
+                "final": mean_std([float(r.scores[-1]) for r in done]),
+                "best": mean_std([float(r.scores.max()) for r in done]),
                 "acquire_seconds": mean_std([r.acquire_seconds() for r in runs]),
             }
         )
@@ -289,8 +317,11 @@ def strategy_summary(group: Group, budgets: Sequence[int]) -> list[dict[str, Any
 def paired_values(group: Group, a: str, b: str, paired_on: str = "auc") -> tuple[np.ndarray, np.ndarray]:
     """Return the paired samples of strategies ``a`` and ``b``.
 
-    ``auc``: one AUC per seed that both finished. ``rounds``: one accuracy per (seed, round) that
+    ``auc``: one AUC per seed that both finished. ``rounds``: one metric value per (seed, round) that
     both reached, round 0 left out (every strategy of a seed shares it).
+
+    Raises:
+        SaalError: an unknown ``paired_on``.
     """
     if paired_on not in PAIRED_ON:
         raise SaalError(f"paired_on must be one of {', '.join(PAIRED_ON)}, got {paired_on!r}")
@@ -304,8 +335,8 @@ def paired_values(group: Group, a: str, b: str, paired_on: str = "auc") -> tuple
                 xs.append(ra[seed].auc())
                 ys.append(rb[seed].auc())
         else:
-            acc_a = {int(r["round"]): float(r["accuracy"]) for r in ra[seed].rows}
-            acc_b = {int(r["round"]): float(r["accuracy"]) for r in rb[seed].rows}
+            acc_a = {int(r["round"]): float(r[ra[seed].metric]) for r in ra[seed].rows}
+            acc_b = {int(r["round"]): float(r[rb[seed].metric]) for r in rb[seed].rows}
             for rnd in sorted(set(acc_a) & set(acc_b) - {0}):
                 xs.append(acc_a[rnd])
                 ys.append(acc_b[rnd])
@@ -390,7 +421,11 @@ def _slug(text: str) -> str:
 
 
 def plot_curves(group: Group, path: Path) -> Path:
-    """Write a learning-curve PNG: mean test accuracy (%) per strategy against labels, ± std band."""
+    """Write a learning-curve PNG: the mean test metric (%) per strategy against labels, ± std band.
+
+    Returns:
+        ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +433,7 @@ def plot_curves(group: Group, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     # tab20 and three dash styles keep up to 60 strategies apart (the default cycle repeats after 10).
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
     styles = ("-", "--", ":")
     try:
         for i, s in enumerate(group.strategies):
@@ -419,7 +454,7 @@ def plot_curves(group: Group, path: Path) -> Path:
             )
             ax.fill_between(budgets, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xlabel("labelled examples")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {group.metric} (%)")
         ax.set_title(f"{group.name}: mean ± std over seeds")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -441,7 +476,9 @@ def _markdown_group(
 ) -> list[str]:
     lines = [f"## {group.name}", "", f"Protocol: {describe_protocol(group.protocol)}", ""]
     expected_seeds = len(group.seeds)
-    head = ["strategy", "seeds", *[f"acc @ {b}" for b in budgets], "AUC", "final", "best", "acquire s/round"]
+    metric = group.metric
+    short = _SHORT_NAMES.get(metric, metric)
+    head = ["strategy", "seeds", *[f"{short} @ {b}" for b in budgets], "AUC", "final", "best", "acquire s/round"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for row in summary:
@@ -465,9 +502,9 @@ def _markdown_group(
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Test accuracy in %, mean ± sample standard deviation (ddof = 1) over seeds. `seeds` is finished/started "
-        "runs. `acc @ N`: after training on N labels (every run that reached N). AUC: area under the "
-        "accuracy-vs-labels curve by the trapezoid rule, divided by the budget range, in % (finished runs). "
+        f"Test {metric} in %, mean ± sample standard deviation (ddof = 1) over seeds. `seeds` is finished/started "
+        f"runs. `{short} @ N`: after training on N labels (every run that reached N). AUC: area under the "
+        f"{metric}-vs-labels curve by the trapezoid rule, divided by the budget range, in % (finished runs). "
         "final: after the last round; best: the best round (the SAAL paper's headline metric); both over "
         "finished runs. acquire s/round: mean wall seconds of one acquisition.",
     ]
@@ -476,7 +513,7 @@ def _markdown_group(
     lines += ["", f"![learning curves]({png})", ""]
     names = group.strategies
     seeds = len(group.seeds)
-    unit = "normalised AUC per seed" if paired_on == "auc" else "accuracy per (seed, round), round 0 left out"
+    unit = "normalised AUC per seed" if paired_on == "auc" else f"{metric} per (seed, round), round 0 left out"
     lines += [
         f"### Win / tie / loss ({group.name})",
         "",
@@ -511,8 +548,9 @@ def build_report(
 
     Writes ``report.md`` (a table, learning curves and a win/tie/loss matrix per dataset and
     protocol), ``curves-<dataset>.png`` per group, ``rounds.csv`` (one row per run and round:
-    dataset, strategy, seed, round, labelled, accuracy, seconds, ...), ``runs.csv`` (one row per
-    run: AUC, final, best, ...) and ``comparisons.csv`` (every pair: outcome, p-value, n).
+    dataset, strategy, seed, round, labelled, the metric under its name, seconds, ...), ``runs.csv`` (one row
+    per run: AUC, final, best, ...) and ``comparisons.csv`` (every pair: outcome, p-value, n). Tables, plots
+    and columns are labelled with the metric each group's runs stored (``accuracy`` for classification).
 
     Args:
         budgets: labelled counts for the ``acc @ N`` columns (default: five spread over the range).
@@ -557,7 +595,7 @@ def build_report(
                         **base,
                         "round": r["round"],
                         "labelled": r["labelled"],
-                        "accuracy": r["accuracy"],
+                        group.metric: r[group.metric],
                         "train_seconds": r.get("train_seconds"),
                         "acquire_seconds": r.get("acquire_seconds"),
                         "chosen": " ".join(map(str, r.get("chosen", []))),
@@ -573,8 +611,8 @@ def build_report(
                     "rounds_done": len(run.rows),
                     "finished": run.finished,
                     "auc": run.auc() if run.finished else "",
-                    "final_accuracy": float(run.accuracy[-1]) if run.finished else "",
-                    "best_accuracy": float(run.accuracy.max()) if run.finished else "",
+                    f"final_{group.metric}": float(run.scores[-1]) if run.finished else "",
+                    f"best_{group.metric}": float(run.scores.max()) if run.finished else "",
                     "acquire_seconds_per_round": run.acquire_seconds(),
                     "run_folder": str(run.folder),
                 }

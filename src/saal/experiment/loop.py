@@ -1,0 +1,421 @@
+"""One active-learning run, step by step: rounds of train -> evaluate -> acquire -> label, resumable after any round.
+
+One *run* is one (strategy, seed). The model is scored through the dataset's task
+(``bundle.task.evaluate`` returns a :class:`~saal.tasks.Metric`) and items are labelled through the
+:class:`~saal.pool.Pool`; each round's result stores the metric under its name (``accuracy`` for
+classification). Its folder's files are :mod:`saal.experiment.storage`'s.
+
+Resume: after each round (training, evaluation, acquisition and labelling) the run writes
+``rounds.json``/``rounds.csv`` (and ``model.pt`` after the last round), then ``checkpoint.pt``
+last: the checkpoint is the commit point. It holds the model, the optimiser state (warm start),
+the pool, the train generator and the acquisition generator, the strategy's own state and the
+results so far. Every round re-seeds the global torch, numpy and ``random`` generators from the
+train generator, so a run killed at any moment and started again continues from the last
+committed round and produces the same chosen indices and metric values as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from saal.data import DatasetBundle, load_dataset
+from saal.errors import RunInProgress, SaalError
+from saal.experiment import storage
+from saal.experiment.folder_lock import folder_lock
+from saal.models import build_model
+from saal.pool import Pool, initial_indices
+from saal.settings import RunConfig
+from saal.strategies import Strategy, build_strategy, parse_spec, strategy_options
+from saal.tasks import Task
+from saal.training import fit
+
+
+@dataclass
+class RoundResult:
+    """One round: the test metric after training on ``labelled`` items, and what was acquired next.
+
+    Attributes:
+        round: the round index (0 = trained on the initial set).
+        labelled: how many items the model was trained on.
+        metric: the metric's name (``accuracy`` for classification, ``map`` for detection).
+        value: the metric's value, in [0, 1].
+        train_seconds, acquire_seconds: wall time of training and of the acquisition.
+        chosen: the dataset indices acquired after this round (empty after the last).
+        per_class: the metric per class name, where the task gives one (kept in ``rounds.json`` only).
+    """
+
+    round: int
+    labelled: int
+    metric: str
+    value: float
+    train_seconds: float
+    acquire_seconds: float
+    chosen: list[int]
+    per_class: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        """The value of a classification round's accuracy.
+
+        Raises:
+            AttributeError: the round stores another metric.
+        """
+        if self.metric != "accuracy":
+            raise AttributeError(f"this round stores {self.metric!r}, not accuracy; read .value")
+        return self.value
+
+    def row(self) -> dict[str, Any]:
+        """Return the round as a ``rounds.json`` row: the metric under its name, ``per_class`` only when known.
+
+        Returns:
+            ``{"round", "labelled", <metric>, "train_seconds", "acquire_seconds", "chosen"[, "per_class"]}``.
+        """
+        row: dict[str, Any] = {
+            "round": self.round,
+            "labelled": self.labelled,
+            self.metric: self.value,
+            "train_seconds": self.train_seconds,
+            "acquire_seconds": self.acquire_seconds,
+            "chosen": list(self.chosen),
+        }
+        if self.per_class:
+            row["per_class"] = dict(self.per_class)
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], metric: str = storage.DEFAULT_METRIC) -> RoundResult:
+        """Return the round a :meth:`row` (or a saal 0.1.0 ``rounds.json`` row) describes.
+
+        Raises:
+            KeyError: the row lacks a field or the metric.
+        """
+        return cls(
+            round=int(row["round"]),
+            labelled=int(row["labelled"]),
+            metric=metric,
+            value=float(row[metric]),
+            train_seconds=float(row["train_seconds"]),
+            acquire_seconds=float(row["acquire_seconds"]),
+            chosen=[int(i) for i in row["chosen"]],
+            per_class={str(k): float(v) for k, v in dict(row.get("per_class") or {}).items()},
+        )
+
+
+def seed_streams(seed: int) -> dict[str, int]:
+    """Return independent seeds for the initial set, model initialisation, training and acquisition.
+
+    The four streams are children of ``numpy.random.SeedSequence(seed)``:
+
+    - ``initial``: draws the initial labelled set;
+    - ``model``: the initial weights (and a strategy's own modules when it is built);
+    - ``train``: shuffling, augmentation, dropout (re-seeds the global generators each round);
+    - ``acquire``: the strategy's random choices (pool subset, sampling).
+
+    The initial set and the initial weights depend only on ``seed``, so every strategy run with
+    the same seed starts from the same labelled set and the same weights (a paired comparison),
+    and they come from separate streams (Ji et al. 2023), so changing how one is drawn does not
+    change the other.
+
+    Returns:
+        ``{"initial": int, "model": int, "train": int, "acquire": int}``.
+    """
+    children = np.random.SeedSequence(seed).spawn(4)
+    names = ("initial", "model", "train", "acquire")
+    return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children, strict=True)}
+
+
+def build_run_strategy(strategy: str | Strategy, config: RunConfig, seed: int) -> Strategy:
+    """Return the strategy of a run, built as the run builds it (shared subset and batch size, fixed seed).
+
+    A strategy that builds modules of its own when constructed must not depend on what ran before it in
+    this process (nor differ in a resumed process): it is built under a seed from the run's ``model`` stream,
+    and the global generator is left as it was.
+
+    Raises:
+        SaalError: an unknown strategy, option or option value.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_streams(seed)["model"] ^ 0x5EED)
+        return build_strategy(strategy, subset=config.subset, batch_size=config.score_batch_size)
+
+
+def resolved_options(strategy: str | Strategy, config: RunConfig) -> dict[str, Any]:
+    """Return the options a strategy spec resolves to (its defaults, the shared settings, then the spec's own).
+
+    An instance given instead of a spec has no spec to resolve: ``{}``.
+    """
+    if not isinstance(strategy, str):
+        return {}
+    name, options = parse_spec(strategy)
+    known = strategy_options(name)
+    shared = {"subset": config.subset, "batch_size": config.score_batch_size}
+    return {
+        **{k: v for k, v in known.items() if v is not inspect.Parameter.empty},
+        **{k: v for k, v in shared.items() if k in known and v is not None},
+        **options,
+    }
+
+
+def describe_run(config: RunConfig, spec: str | Strategy, seed: int, strategy: Strategy, task: Task) -> dict[str, Any]:
+    """Return the ``config.json`` record of the run of ``spec`` (built as ``strategy``) with ``seed`` on ``task``."""
+    return storage.run_record(
+        config,
+        spec if isinstance(spec, str) else spec.name,
+        seed,
+        strategy_repr=repr(strategy),
+        strategy_options=resolved_options(spec, config),
+        seed_streams=seed_streams(seed),
+        task=task.describe(),
+        metric=task.metric_name,
+    )
+
+
+class ActiveLearningRun:
+    """One (strategy, seed) run over a loaded dataset; resumable from its folder.
+
+    Args:
+        config: the shared settings.
+        strategy: a strategy spec string or instance.
+        seed: the run's seed.
+        folder: where results and the checkpoint go (None: keep nothing on disk).
+        bundle: the loaded dataset (loaded from ``config`` if None).
+        model: a user's own ``nn.Module`` instead of ``config.model`` (its current weights are
+            the initial weights).
+
+    Raises:
+        SaalError: an unknown strategy, model or dataset, or settings they refuse.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        strategy: str | Strategy,
+        seed: int,
+        folder: str | os.PathLike[str] | None = None,
+        bundle: DatasetBundle | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.spec = strategy if isinstance(strategy, str) else strategy.name
+        self.seed = int(seed)
+        self.streams = seed_streams(self.seed)
+        self._given = strategy
+        self.strategy = build_run_strategy(strategy, config, self.seed)
+        self.folder = Path(folder) if folder is not None else None
+        self.bundle = (
+            bundle if bundle is not None else load_dataset(config.dataset, config.data_dir, **config.dataset_options)
+        )
+        self.task = self.bundle.task
+        self.metric = self.task.metric_name
+        self.device = torch.device(config.device)
+        self._prepared = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.streams["model"])
+            base = build_model(
+                model if model is not None else config.model, self.bundle.input_shape, self.bundle.num_classes
+            )
+        self.model = base.to(self.device)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.pool = Pool(self.bundle.train, task=self.task)
+        self.train_generator = torch.Generator().manual_seed(self.streams["train"])
+        self.acquire_rng = np.random.default_rng(self.streams["acquire"])
+        self.optimizer_state: dict[str, Any] | None = None
+        self.results: list[RoundResult] = []
+
+    # -- describing the run -------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Return the run's record written to ``config.json`` (see :func:`saal.experiment.storage.run_record`)."""
+        return describe_run(self.config, self._given, self.seed, self.strategy, self.task)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every round (``rounds + 1`` evaluations) is done."""
+        return len(self.results) == self.config.rounds + 1
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(
+        self,
+        progress: Callable[[RoundResult], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> list[RoundResult]:
+        """Run (or resume) every remaining round; return all round results.
+
+        The run folder is locked while the run works in it (:func:`saal.experiment.folder_lock.folder_lock`).
+
+        Args:
+            progress: called with the result of each new round.
+            on_start: called once, before the first new round, with the number of rounds already done.
+
+        Returns:
+            Every round's result, those of earlier sittings first.
+
+        Raises:
+            RunInProgress: another process is running this folder's run right now.
+            SaalError: the folder holds a different run, a corrupt checkpoint, or an impossible size.
+        """
+        if self.folder is None:
+            return self._run_rounds(progress, on_start)
+        self.check_folder()  # a folder holding another run is refused before anything is written into it
+        with folder_lock(self.folder, wait=False) as held:
+            if not held:
+                raise RunInProgress(
+                    f"{self.folder} is being run by another process right now; "
+                    "wait for it, or give the same command again later to resume it"
+                )
+            self._prepare_folder()
+            return self._run_rounds(progress, on_start)
+
+    def _run_rounds(
+        self, progress: Callable[[RoundResult], None] | None, on_start: Callable[[int], None] | None
+    ) -> list[RoundResult]:
+        if on_start is not None:
+            on_start(len(self.results))
+        if not self.results:
+            start = initial_indices(
+                self.bundle.train_targets,
+                self.config.initial,
+                np.random.default_rng(self.streams["initial"]),
+                balanced=self.config.initial_balanced,
+                num_classes=self.bundle.num_classes,
+            )
+            self.pool.label(start, self.bundle.train_targets[start])
+        while not self.finished:
+            result = self._round(len(self.results))
+            self.results.append(result)
+            if self.folder is not None:
+                self._save()
+            if progress is not None:
+                progress(result)
+        return self.results
+
+    def _round(self, r: int) -> RoundResult:
+        cfg = self.config
+        if cfg.reinit:
+            self.model.load_state_dict(self.initial_state)
+        # Global randomness (dropout, and any library that draws from the global generators) is
+        # re-seeded from the run's own stream every round, so that a resumed run draws exactly
+        # what an uninterrupted one would.
+        round_seed = int(torch.randint(0, 2**62, (1,), generator=self.train_generator))
+        torch.manual_seed(round_seed)
+        np.random.seed(round_seed % 2**32)
+        random.seed(round_seed)
+        labelled = self.pool.labelled_indices()
+        fitted = fit(
+            self.model,
+            self.bundle.train,
+            labelled,
+            self.pool.labels_of(labelled),
+            cfg.train,
+            self.train_generator,
+            hook=self.strategy.training_hook(),
+            optimizer_state=None if cfg.reinit else self.optimizer_state,
+        )
+        if not cfg.reinit:
+            self.optimizer_state = fitted.optimizer_state
+        score = self.task.evaluate(self.model, self.bundle.test, cfg.score_batch_size)
+        chosen: list[int] = []
+        t0 = time.perf_counter()
+        if r < cfg.rounds:
+            k = min(cfg.query, self.pool.num_unlabelled)
+            selection = self.strategy.select(self.model, self.pool, k, self.acquire_rng)
+            self.pool.next_round()
+            # the simulated annotator: the true labels of the chosen items, given through the pool
+            self.pool.label(selection.indices, self.bundle.train_targets[selection.indices])
+            chosen = [int(i) for i in selection.indices]
+        return RoundResult(
+            round=r,
+            labelled=len(labelled),
+            metric=score.name,
+            value=float(score.value),
+            train_seconds=fitted.seconds,
+            acquire_seconds=time.perf_counter() - t0,
+            chosen=chosen,
+            per_class=dict(score.per_class),
+        )
+
+    # -- files --------------------------------------------------------------------------
+    def check_folder(self) -> bool:
+        """Return whether the run folder already holds this run's ``config.json``; write nothing.
+
+        Raises:
+            SaalError: the folder holds a run with other settings, or an unreadable config.
+        """
+        assert self.folder is not None
+        return storage.check_run_folder(self.folder, self.describe())
+
+    def _prepare_folder(self) -> None:
+        """Check the folder holds this run (or nothing), and load its checkpoint; once per object.
+
+        Raises:
+            SaalError: the folder holds a run with other settings, or an unreadable file.
+        """
+        assert self.folder is not None
+        if self._prepared:
+            return
+        if self.check_folder():
+            if storage.has_checkpoint(self.folder):
+                self._load()
+                self._write_rounds()
+        else:
+            storage.write_config(self.folder, self.describe())
+        self._prepared = True
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return [r.row() for r in self.results]
+
+    def _write_rounds(self) -> None:
+        """Write ``rounds.json`` / ``rounds.csv`` from the results (unless they already say the same)."""
+        assert self.folder is not None
+        storage.write_rounds(self.folder, self._rows(), self.metric)
+
+    def _save(self) -> None:
+        # The checkpoint is written last: it is the commit point. A kill before it leaves files
+        # one round ahead of the checkpoint; the resumed run recomputes that round identically.
+        assert self.folder is not None
+        self._write_rounds()
+        if self.finished:
+            storage.save_model(self.folder, self.model.state_dict())
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer_state,
+            "pool": self.pool.state_dict(),
+            "train_generator": self.train_generator.get_state(),
+            "acquire_rng": self.acquire_rng.bit_generator.state,
+            "strategy": self.strategy.state_dict(),
+            "metric": self.metric,
+            "results": self._rows(),
+        }
+        storage.save_checkpoint(self.folder, state)
+
+    def _load(self) -> None:
+        """Restore everything from ``checkpoint.pt`` (one written by saal 0.1.0 too).
+
+        Raises:
+            SaalError: a corrupt checkpoint, or one of another dataset or task.
+        """
+        assert self.folder is not None
+        state = storage.load_checkpoint(self.folder, self.device)
+        try:
+            metric = str(state.get("metric", storage.DEFAULT_METRIC))
+            self.model.load_state_dict(state["model"])
+            self.pool.load_state_dict(state["pool"])
+            self.train_generator.set_state(state["train_generator"])
+            self.acquire_rng.bit_generator.state = state["acquire_rng"]
+            self.strategy.load_state_dict(state["strategy"])
+            self.results = [RoundResult.from_row(r, metric) for r in state["results"]]
+            self.optimizer_state = state["optimizer"]
+        except SaalError:
+            raise
+        except Exception as exc:  # a truncated or foreign file
+            raise storage.corrupt_checkpoint(self.folder / storage.CHECKPOINT_FILE, exc) from None
