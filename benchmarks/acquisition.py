@@ -16,6 +16,7 @@ dataset and reports peak RSS (``resource.getrusage``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from saal.batching import input_batches
+from saal.core.scan import batches
 from saal.data.base import ArrayDataset
 from saal.models import ResNet18, SmallCNN
 from saal.pool import Pool
@@ -76,8 +77,8 @@ def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 def forward_pass(model: nn.Module, dataset: ArrayDataset, batch_size: int) -> None:
     """A plain batched eval-mode forward pass over the whole dataset, gradients off."""
     with torch.no_grad():
-        for _, x in input_batches(dataset, np.arange(len(dataset)), batch_size):
-            model(x)
+        for batch in batches(dataset, np.arange(len(dataset)), batch_size):
+            model(batch.inputs)
 
 
 def time_model(args: argparse.Namespace, model_name: str) -> list[dict]:
@@ -91,13 +92,14 @@ def time_model(args: argparse.Namespace, model_name: str) -> list[dict]:
     dataset, source = make_data(model_name, timed)
     model = make_model(model_name)
     print(f"\n## {model_name}: {timed} items timed of {source}, batch size {args.batch_size}", flush=True)
-    warm = Pool(make_data(model_name, 32)[0], 10)
+    warm_data = make_data(model_name, 32)[0]
+    warm = Pool(warm_data, 10)
     pool = Pool(dataset, 10)
     # (name, call, items, note, repeats)
     methods: list[tuple[str, Callable[[], object], int, str, int]] = [
         ("forward pass", lambda: forward_pass(model, dataset, args.batch_size), timed, "", args.repeats)
     ]
-    forward_pass(model, warm.dataset, args.batch_size)  # warm-up: first-call allocations
+    forward_pass(model, warm_data, args.batch_size)  # warm-up: first-call allocations
     failed: list[str] = []
     for spec in split_specs(args.strategies):
         try:
@@ -107,7 +109,7 @@ def time_model(args: argparse.Namespace, model_name: str) -> list[dict]:
             print(f"  {spec:<38} failed: {type(exc).__name__}: {exc}", flush=True)
             failed.append(spec)
             continue
-        methods.append((spec, lambda s=strategy: s.select(model, pool, args.k, 0), timed, "", args.repeats))
+        methods.append((spec, functools.partial(strategy.select, model, pool, args.k, 0), timed, "", args.repeats))
     if args.naive:
         n = min(timed, args.naive_items if model_name == "cnn" else max(1, args.naive_items // 10))
         x = dataset.inputs[:n]

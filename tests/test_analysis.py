@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,14 @@ from saal.analysis import analyze, pearson, top_hessian_eigenvalues, write_analy
 from saal.data.base import ArrayDataset
 from saal.errors import SaalError
 from saal.sharpness import naive_perturbed_losses
+from saal.tasks import Classification
+
+
+class _SmoothedClassification(Classification):
+    """Label-smoothed cross-entropy: a task whose loss is not the default one."""
+
+    def output_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none", label_smoothing=0.2)
 
 
 def _tiny() -> tuple[nn.Module, torch.Tensor]:
@@ -29,7 +38,9 @@ def _tiny() -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(4, 1, 6, 6, dtype=torch.float64)
 
 
-def _dense_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, asam: bool) -> float:
+def _dense_top_eigenvalue(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, asam: bool, smoothing: float = 0.0
+) -> float:
     params = {n: p.detach() for n, p in model.named_parameters()}
     names = list(params)
     flat = torch.cat([params[n].flatten() for n in names])
@@ -38,7 +49,7 @@ def _dense_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, as
     def loss(v: torch.Tensor) -> torch.Tensor:
         parts = torch.split(v, sizes)
         p = {n: t.reshape(params[n].shape) for n, t in zip(names, parts, strict=True)}
-        return F.cross_entropy(functional_call(model, p, (x[None],)), y[None])
+        return F.cross_entropy(functional_call(model, p, (x[None],)), y[None], label_smoothing=smoothing)
 
     h = torch.autograd.functional.hessian(loss, flat)
     if asam:
@@ -96,7 +107,7 @@ def test_pearson() -> None:
     assert np.isnan(pearson(np.ones(1), np.ones(1)))
 
 
-def test_write_analysis_files(tmp_path) -> None:
+def test_write_analysis_files(tmp_path: Path) -> None:
     model, x = _tiny()
     data = ArrayDataset(x, np.zeros(len(x)))
     res = analyze(model, data, np.array([3, 1, 2]), perturbation="asam", power_iters=5)
@@ -117,3 +128,20 @@ def test_bad_options_are_user_errors() -> None:
         top_hessian_eigenvalues(model, x, torch.zeros(4, dtype=torch.long), perturbation="adam")
     with pytest.raises(SaalError, match="power iterations"):
         top_hessian_eigenvalues(model, x, torch.zeros(4, dtype=torch.long), iters=0)
+
+
+def test_analysis_runs_through_the_task_seam() -> None:
+    model, x = _tiny()
+    task = _SmoothedClassification(3)
+    data = ArrayDataset(x, np.zeros(len(x)))
+    res = analyze(model, data, np.array([2, 0, 3]), rho=0.02, power_iters=300, batch_size=2, task=task)
+    loss, pert = naive_perturbed_losses(model, x[[2, 0, 3]], rho=0.02, perturbation="sam", task=task)
+    np.testing.assert_allclose(res.score, pert.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(res.loss, loss.numpy(), rtol=1e-10)
+    _, plain = naive_perturbed_losses(model, x[[2, 0, 3]], rho=0.02, perturbation="sam")
+    assert not np.allclose(res.score, plain.numpy())
+    y = model(x).argmax(1)
+    expected = [_dense_top_eigenvalue(model, x[i], y[i], False, smoothing=0.2) for i in (2, 0, 3)]
+    np.testing.assert_allclose(res.lambda_max, expected, rtol=1e-3)
+    empty = analyze(model, data, np.array([], dtype=np.int64), task=task)
+    assert empty.lambda_max.shape == empty.score.shape == (0,)

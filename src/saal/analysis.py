@@ -22,16 +22,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import grad, vjp, vmap
 from torch.utils.data import Dataset
 
-from saal.batching import input_batches
-from saal.errors import SaalError
 from saal.core.model_state import model_device, preserved
+from saal.core.scan import Batch, scan
 from saal.core.seeding import as_generator, derive_seed
-from saal.sharpness import PERTURBATIONS, check_option, check_rho, pool_sharpness
+from saal.errors import SaalError
+from saal.sharpness import PERTURBATIONS, PoolSharpness, check_option, check_rho, sharpness_terms
+from saal.sharpness.engine import as_batch_of_one, batch_len, functional_forward, resolve_task, take
+from saal.sharpness.layer_rules import tensor_sum
+from saal.tasks.base import Task
 
 TERMS = ("loss", "grad_term", "sharpness_term")
 _VECTOR_FLOATS = 1 << 22  # floats of power-iteration vectors held at once (chunks of instances beyond it)
@@ -43,8 +45,8 @@ class SharpnessAnalysis:
 
     Attributes:
         indices: the dataset indices analysed.
-        pseudo_label: the eval-mode argmax.
-        loss: the unperturbed loss under the pseudo label.
+        pseudo_label: the pseudo targets (for classification the eval-mode argmax).
+        loss: the unperturbed loss under the pseudo target.
         grad_norm: ``||g||`` (SAM) or ``||T g||`` (ASAM).
         lambda_max: the largest eigenvalue of ``H`` (SAM) or ``T H T`` (ASAM), by power iteration.
         score: SAAL's score (``max`` or ``diff``) with the same ``rho`` and perturbation.
@@ -91,15 +93,19 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def top_hessian_eigenvalues(
     model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
+    inputs: Any,
+    labels: Any,
     *,
     perturbation: str = "sam",
     iters: int = 20,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
+    task: Task | None = None,
 ) -> torch.Tensor:
-    """Return the top (largest) Hessian eigenvalue of each instance's loss ``CE(f_w(x_i), labels_i)``.
+    """Return the top (largest) Hessian eigenvalue of each instance's loss ``l(f_w(x_i), labels_i)``.
+
+    The loss is the task's per-item loss (default: classification, ``CE``); ``labels`` are its
+    targets for the batch (a tensor, or a pytree of tensors, with one row per item).
 
     Power iteration on Hessian-vector products (``torch.func``, reverse over reverse), every
     instance its own vector, at most ``iters`` steps (fewer once every Rayleigh quotient of a
@@ -118,31 +124,35 @@ def top_hessian_eigenvalues(
     asam = check_option("perturbation", perturbation, PERTURBATIONS) == "asam"
     if iters < 1:
         raise SaalError(f"power iterations must be at least 1, got {iters}")
+    task = resolve_task(task)
+    count = batch_len(inputs)
     with preserved(model):
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        if not params or len(inputs) == 0:
-            return torch.zeros(len(inputs))
+        if not params or count == 0:
+            return torch.zeros(count)
         scale = {n: p.abs() for n, p in params.items()} if asam else None
+        call = functional_forward(task, model)
 
-        def loss_fn(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        def loss_fn(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
+            return task.output_losses(call(p, as_batch_of_one(xi)), as_batch_of_one(yi)).sum()
 
-        def hvp(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, v: dict[str, torch.Tensor]) -> Any:
+        def hvp(p: dict[str, torch.Tensor], xi: Any, yi: Any, v: dict[str, torch.Tensor]) -> Any:
             # H v as the vector-Jacobian product of the gradient (H is symmetric): reverse over reverse.
-            _, pullback = vjp(lambda q: grad(loss_fn)(q, xi, yi), p)
+            pullback = vjp(lambda q: grad(loss_fn)(q, xi, yi), p)[1]
             return pullback(v)[0]
 
         batched = vmap(hvp, in_dims=(None, 0, 0, 0))
 
-        def power(xc: torch.Tensor, yc: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        def power(xc: Any, yc: Any, shift: torch.Tensor | None) -> torch.Tensor:
             """Dominant eigenvalue of (M - shift I) per instance, M = H or T H T."""
+            m = batch_len(xc)
             v = _normalised(
                 {
-                    n: torch.randn((len(xc), *p.shape), generator=generator, dtype=p.dtype).to(p.device)
+                    n: torch.randn((m, *p.shape), generator=generator, dtype=p.dtype).to(p.device)
                     for n, p in params.items()
                 }
             )
-            lam = torch.zeros(len(xc), dtype=next(iter(params.values())).dtype)
+            lam = torch.zeros(m, dtype=next(iter(params.values())).dtype)
             for step in range(iters):
                 w = {n: v[n] * scale[n] for n in v} if scale is not None else v
                 hv = batched(params, xc, yc, w)
@@ -150,7 +160,7 @@ def top_hessian_eigenvalues(
                     hv = {n: hv[n] * scale[n] for n in hv}
                 if shift is not None:
                     hv = {n: hv[n] - _column(shift, hv[n]) * v[n] for n in hv}
-                new = sum(_rows(v[n] * hv[n]) for n in v)
+                new = tensor_sum(_rows(v[n] * hv[n]) for n in v)
                 v = _normalised(hv)
                 done = step > 0 and bool(((new - lam).abs() <= tol * new.abs() + 1e-12).all())
                 lam = new.detach()
@@ -161,15 +171,15 @@ def top_hessian_eigenvalues(
         size = sum(p.numel() for p in params.values())
         chunk = max(1, _VECTOR_FLOATS // size)
         out = []
-        for s in range(0, len(inputs), chunk):
-            xc, yc = inputs[s : s + chunk], labels[s : s + chunk]
+        for s in range(0, count, chunk):
+            xc, yc = take(inputs, slice(s, s + chunk)), take(labels, slice(s, s + chunk))
             lam = power(xc, yc, None)
             negative = lam < 0
             if negative.any():
                 # The dominant eigenvalue is negative: the top one is lam + the dominant of (M - lam I) >= 0.
                 shift = lam[negative]
                 lam = lam.clone()
-                lam[negative] = shift + power(xc[negative], yc[negative], shift)
+                lam[negative] = shift + power(take(xc, negative), take(yc, negative), shift)
             out.append(lam)
         return torch.cat(out)
 
@@ -183,7 +193,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _normalised(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    norm = torch.sqrt(sum(_rows(t * t) for t in v.values()))
+    norm = torch.sqrt(tensor_sum(_rows(t * t) for t in v.values()))
     # A zero Hessian-vector product (a zero Hessian) stays zero: its Rayleigh quotient is 0.
     return {n: t / (_column(norm, t) + 1e-30) for n, t in v.items()}
 
@@ -199,8 +209,13 @@ def analyze(
     power_iters: int = 20,
     batch_size: int = 64,
     generator: np.random.Generator | int | None = 0,
+    task: Task | None = None,
 ) -> SharpnessAnalysis:
     """Compute loss, gradient norm, top Hessian eigenvalue and SAAL score for ``dataset[indices]``.
+
+    One pass over the items (:func:`saal.core.scan.scan`, the task's ``collate``): each batch is
+    scored by :func:`saal.sharpness.sharpness_terms`, then its eigenvalues are found under the
+    same pseudo targets.
 
     Args:
         rho, perturbation, score: as in the ``saal`` strategy (the default here is the SAM form,
@@ -208,35 +223,55 @@ def analyze(
         power_iters: power-iteration steps per instance.
         batch_size: pool items handled at once.
         generator: seeds the power iterations' starting vectors.
+        task: the forward pass, pseudo target and per-item loss (default: classification).
 
     Returns:
-        A :class:`SharpnessAnalysis`.
+        A :class:`SharpnessAnalysis`. The model is left as it was found.
 
     Raises:
-        SaalError: a bad option value.
+        SaalError: a bad option value, or a task whose pseudo targets are not one tensor row per item.
     """
     rho = check_rho(rho)
     score = check_option("score", score, ("max", "diff"))
     perturbation = check_option("perturbation", perturbation, PERTURBATIONS)
-    indices = np.asarray(indices, dtype=np.int64)
-    terms = pool_sharpness(model, dataset, indices, batch_size=batch_size, rho=rho, perturbation=perturbation)
+    task = resolve_task(task)
+    indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     torch_gen = torch.Generator().manual_seed(derive_seed(as_generator(generator)))
     device = model_device(model)
-    lambdas = np.empty(len(indices), dtype=np.float64)
-    start = 0
-    for _, x in input_batches(dataset, indices, batch_size):
-        labels = torch.as_tensor(terms.pseudo_label[start : start + len(x)], device=device)
+
+    def analyse_batch(batch: Batch) -> dict[str, torch.Tensor]:
+        x = task.to_device(batch.inputs, device)
+        t = sharpness_terms(model, x, rho=rho, perturbation=perturbation, task=task)
+        if not isinstance(t.pseudo_label, torch.Tensor) or len(t.pseudo_label) != len(batch):
+            raise SaalError(
+                f"the analysis needs pseudo targets with one tensor row per item; "
+                f"the {task.name} task's are {type(t.pseudo_label).__name__}"
+            )
         lam = top_hessian_eigenvalues(
-            model, x.to(device), labels, perturbation=perturbation, iters=power_iters, generator=torch_gen
+            model, x, t.pseudo_label, perturbation=perturbation, iters=power_iters, generator=torch_gen, task=task
         )
-        lambdas[start : start + len(x)] = lam.double().cpu().numpy()
-        start += len(x)
+        return {
+            "pseudo_label": t.pseudo_label,
+            "loss": t.loss,
+            "perturbed_loss": t.perturbed_loss,
+            "grad_norm": t.grad_norm,
+            "lambda_max": lam.to(t.loss.device),
+        }
+
+    with preserved(model):
+        found = scan(dataset, indices, analyse_batch, batch_size=batch_size, collate=task.collate)
+
+    def column(name: str) -> np.ndarray:
+        return found[name].double().cpu().numpy() if found else np.empty(0, dtype=np.float64)
+
+    labels = found["pseudo_label"].cpu().numpy() if found else np.empty(0, dtype=np.int64)
+    terms = PoolSharpness(indices, column("loss"), column("perturbed_loss"), column("grad_norm"), labels)
     return SharpnessAnalysis(
         indices=indices,
-        pseudo_label=terms.pseudo_label,
+        pseudo_label=labels,
         loss=terms.loss,
         grad_norm=terms.grad_norm,
-        lambda_max=lambdas,
+        lambda_max=column("lambda_max"),
         score=terms.score(score),
         settings={"rho": rho, "perturbation": perturbation, "score": score, "power_iters": power_iters},
     )

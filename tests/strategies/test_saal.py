@@ -16,6 +16,7 @@ from saal.pool import Pool
 from saal.sharpness import naive_perturbed_losses
 from saal.strategies import build_strategy, strategy_options
 from saal.strategies.saal import SAAL, SAALReference, kmeans_pp_1d
+from saal.tasks import Classification
 from saal.training import TrainConfig
 
 
@@ -137,6 +138,76 @@ def test_kmeans_pp_with_equal_scores_still_picks_distinct_items() -> None:
     assert sorted(picks) == list(range(10))
     with pytest.raises(SaalError):
         kmeans_pp_1d(np.ones(3), 4, np.random.default_rng(1))
+
+
+def _kmeans_pp_1d_before_d2_sample(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """kmeans_pp_1d as it was before it called saal.core.selection.d2_sample: the picks must not change."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0, posinf=np.finfo(np.float64).max / 4)
+    n = len(s)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    first = int(np.argmax(np.abs(s)))
+    picked = [first]
+    taken = np.zeros(n, dtype=bool)
+    taken[first] = True
+    d2 = (s - s[first]) ** 2
+    for _ in range(k - 1):
+        d2[taken] = 0.0
+        total = d2.sum()
+        if total > 0 and np.isfinite(total):
+            cumulative = np.cumsum(d2)
+            nxt = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+            nxt = min(nxt, n - 1)
+            while d2[nxt] == 0.0:
+                nxt -= 1
+        else:
+            nxt = int(rng.choice(np.flatnonzero(~taken)))
+        picked.append(nxt)
+        taken[nxt] = True
+        d2 = np.minimum(d2, (s - s[nxt]) ** 2)
+    return np.asarray(picked, dtype=np.int64)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_kmeans_pp_picks_are_exactly_those_of_the_loop_it_replaced() -> None:
+    gen = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(gen.integers(1, 40))
+        s = gen.normal(size=n) * 3
+        if trial % 5 == 0:
+            s[: n // 2] = 1.0  # ties and zero distances
+        if trial % 7 == 0:
+            s[0] = np.nan
+        if trial % 11 == 0:
+            s[-1] = np.inf
+        if trial % 13 == 0:
+            s[-1] = -np.inf
+        k = int(gen.integers(0, n + 1))
+        got = kmeans_pp_1d(s, k, np.random.default_rng(trial))
+        np.testing.assert_array_equal(got, _kmeans_pp_1d_before_d2_sample(s, k, np.random.default_rng(trial)))
+        assert got.dtype == np.int64
+
+
+class _SmoothedClassification(Classification):
+    """Label-smoothed cross-entropy: a task whose loss is not the default one."""
+
+    def output_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="none", label_smoothing=0.2)
+
+
+def test_saal_scores_under_the_pools_task() -> None:
+    assert SAAL.tasks == ("classification",) and SAALReference.tasks == ("classification",)
+    task = _SmoothedClassification(10)
+    g = torch.Generator().manual_seed(0)
+    pool = Pool(ArrayDataset(torch.randn(40, 1, 8, 8, generator=g, dtype=torch.float64), np.arange(40) % 10), task=task)
+    pool.label(np.arange(10), np.arange(10) % 10)
+    model = _model().double()
+    sel = SAAL(batch_size=16).select(model, pool, 3, 0)
+    x = pool.dataset.inputs[sel.scored_indices[:5]]
+    _, pert = naive_perturbed_losses(model, x, task=task)
+    np.testing.assert_allclose(sel.scores[:5], pert.numpy(), rtol=1e-10)
+    _, plain = naive_perturbed_losses(model, x)
+    assert not np.allclose(sel.scores[:5], plain.numpy())
 
 
 def test_saal_reference_runs_inside_an_active_learning_run(digits: DatasetBundle) -> None:

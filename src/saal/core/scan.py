@@ -74,7 +74,7 @@ def batches(
     Raises:
         ValueError: ``batch_size < 1`` or ``num_workers < 0``.
     """
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_workers < 0:
@@ -115,7 +115,7 @@ def scan(
         For each name ``fn`` returned, one tensor of ``len(indices)`` rows in the order of
         ``indices`` (device and dtype of ``fn``'s first output); an empty dict when there is no item.
     """
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     world = get_world_size() if shard else 1
     start, stop = shard_bounds(len(idx), get_rank(), world) if world > 1 else (0, len(idx))
     mine = _fill(dataset, idx[start:stop], fn, batch_size, collate, num_workers)

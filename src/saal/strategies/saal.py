@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 from torch import nn
 
+from saal.core.selection import d2_sample, top_k
 from saal.errors import SaalError
 from saal.pool import Pool
 from saal.sharpness import (
@@ -16,7 +19,7 @@ from saal.sharpness import (
     check_rho,
     pool_sharpness,
 )
-from saal.strategies.base import Selection, Strategy, top_k
+from saal.strategies.base import Selection, Strategy
 
 SCORES = ("max", "diff")
 SELECTIONS = ("top-k", "kmeans++")
@@ -27,6 +30,12 @@ class SAAL(Strategy):
 
     Each candidate ``x`` gets the pseudo label ``yhat = argmax f_w(x)`` and the perturbation
     ``eps(x)`` of one ascent step of radius ``rho`` on its own loss (see :mod:`saal.sharpness`).
+
+    The engine speaks to the pool's task only through its forward pass, pseudo targets and
+    per-item losses (:class:`saal.tasks.base.Task`), so ``scope="all"`` works for any task whose
+    items do not interact in eval mode and whose batches and pseudo targets are tensors (or
+    pytrees of tensors) with one row per item; ``scope="last-layer"`` is classification only.
+    :attr:`tasks` declares classification, the task this strategy is tested on.
 
     Args:
         rho: the perturbation radius (default 0.05).
@@ -51,6 +60,7 @@ class SAAL(Strategy):
     """
 
     name = "saal"
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(
         self,
@@ -74,7 +84,12 @@ class SAAL(Strategy):
         self.last_terms: PoolSharpness | None = None
 
     def sharpness(self, model: nn.Module, pool: Pool, candidates: np.ndarray) -> PoolSharpness:
-        """Return the per-candidate loss, perturbed loss, gradient norm and pseudo label."""
+        """Return the per-candidate loss, perturbed loss, gradient norm and pseudo label, under the pool's task.
+
+        Raises:
+            SaalError: a model the engine cannot score, or ``scope="last-layer"`` on a task other
+                than classification.
+        """
         return pool_sharpness(
             model,
             pool.dataset,
@@ -84,6 +99,7 @@ class SAAL(Strategy):
             perturbation=self.perturbation,
             granularity=self.granularity,
             scope=self.scope,
+            task=pool.task,
         )
 
     def query(
@@ -140,11 +156,11 @@ def _check_selection(value: object) -> str:
     text = aliases.get(text, text) if isinstance(text, str) else text
     if text not in SELECTIONS:
         raise SaalError(f"selection must be one of {', '.join(SELECTIONS)}; got {value!r}")
-    return text  # type: ignore[return-value]
+    return text
 
 
 def kmeans_pp_1d(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (D^2 sampling) on a 1-D score vector.
+    """k-means++ seeding (D^2 sampling, :func:`saal.core.selection.d2_sample`) on a 1-D score vector.
 
     The first pick is the largest ``|score|`` (ties to the smaller position); each next pick is
     drawn with probability proportional to its squared distance to the nearest pick so far. When
@@ -162,23 +178,5 @@ def kmeans_pp_1d(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
         raise SaalError(f"cannot pick {k} of {n} scores; choose k in 0..{n}")
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    first = int(np.argmax(np.abs(s)))
-    picked = [first]
-    taken = np.zeros(n, dtype=bool)
-    taken[first] = True
-    d2 = (s - s[first]) ** 2
-    for _ in range(k - 1):
-        d2[taken] = 0.0
-        total = d2.sum()
-        if total > 0 and np.isfinite(total):
-            cumulative = np.cumsum(d2)
-            nxt = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-            nxt = min(nxt, n - 1)
-            while d2[nxt] == 0.0:  # round-off at the top end of the cumulative sum
-                nxt -= 1
-        else:
-            nxt = int(rng.choice(np.flatnonzero(~taken)))
-        picked.append(nxt)
-        taken[nxt] = True
-        d2 = np.minimum(d2, (s - s[nxt]) ** 2)
-    return np.asarray(picked, dtype=np.int64)
+    picks, _ = d2_sample(n, k, int(np.argmax(np.abs(s))), lambda j: (s - s[j]) ** 2, rng)
+    return picks

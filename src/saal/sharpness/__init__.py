@@ -1,0 +1,44 @@
+"""Per-instance perturbed losses: the engine behind SAAL.
+
+* :mod:`saal.sharpness.engine`: options, :func:`sharpness_terms`, :func:`pool_sharpness`, the
+  two-pass hook machinery, the per-batch and ``torch.func`` paths, the last-layer closed form,
+  and the task seam (forward pass, pseudo target and per-item loss from a
+  :class:`~saal.tasks.base.Task`).
+* :mod:`saal.sharpness.layer_rules`: the closed-form per-layer rules (Linear, Conv2d, BatchNorm)
+  and the ``torch.func`` fallback rule.
+* :mod:`saal.sharpness.naive`: :func:`naive_perturbed_losses`, the definition.
+"""
+
+from saal.sharpness.engine import (
+    DEFAULT_TASK,
+    ENGINES,
+    GRANULARITIES,
+    NORM_EPS,
+    PERTURBATIONS,
+    SCOPES,
+    PoolSharpness,
+    SharpnessTerms,
+    check_option,
+    check_rho,
+    perturbed_losses,
+    pool_sharpness,
+    sharpness_terms,
+)
+from saal.sharpness.naive import naive_perturbed_losses
+
+__all__ = [
+    "DEFAULT_TASK",
+    "ENGINES",
+    "GRANULARITIES",
+    "NORM_EPS",
+    "PERTURBATIONS",
+    "SCOPES",
+    "PoolSharpness",
+    "SharpnessTerms",
+    "check_option",
+    "check_rho",
+    "naive_perturbed_losses",
+    "perturbed_losses",
+    "pool_sharpness",
+    "sharpness_terms",
+]
