@@ -57,7 +57,7 @@ class _Inputs(Dataset[Any]):
 def load_inputs(dataset: Dataset[Any], indices: np.ndarray, collate: Collate | None = None) -> Any:
     """Return the collated inputs of ``dataset`` at ``indices`` (targets are not read)."""
     if isinstance(dataset, ArrayDataset):  # ready tensors: slicing is stacking, without the copies
-        return dataset.inputs[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
+        return dataset.inputs[torch.as_tensor(np.ascontiguousarray(indices), dtype=torch.long)]
     return (collate or stack_inputs)([dataset[int(i)][0] for i in indices])
 
 
