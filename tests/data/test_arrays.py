@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from old_eager_loaders import all_inputs
 
 from saal.data import load_dataset
 from saal.data.arrays import load
@@ -48,7 +49,7 @@ def test_channels_last_keeps_pixels_in_place(tmp_path: Path) -> None:
     _save(tmp_path / "test.npz", x=x[:2], y=_labels(2, 2))
     b = load(str(tmp_path))
     m, s = torch.tensor(b.mean).view(1, 3, 1, 1), torch.tensor(b.std).view(1, 3, 1, 1)
-    restored = (b.train.inputs * s + m) * 255
+    restored = (all_inputs(b.train) * s + m) * 255
     expected = torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2)
     torch.testing.assert_close(restored, expected, atol=1e-3, rtol=0)
 
@@ -58,11 +59,11 @@ def test_split_is_stratified_seeded_and_normalised(tmp_path: Path) -> None:
     path = str(_save(tmp_path / "d.npz", x=x, y=_labels(40, 4)))
     b = load(path, test_fraction=0.25, seed=1)
     assert np.bincount(b.test.targets).tolist() == [2, 2, 2, 2]
-    assert torch.equal(load(path, test_fraction=0.25, seed=1).test.inputs, b.test.inputs)
-    assert not torch.equal(load(path, test_fraction=0.25, seed=2).test.inputs, b.test.inputs)
+    assert torch.equal(all_inputs(load(path, test_fraction=0.25, seed=1).test), all_inputs(b.test))
+    assert not torch.equal(all_inputs(load(path, test_fraction=0.25, seed=2).test), all_inputs(b.test))
     # floats are taken as they are, then standardised with the train split's statistics
     assert 1.0 < b.mean[0] < 4.0
-    assert abs(float(b.train.inputs.mean())) < 1e-5 and abs(float(b.train.inputs.std()) - 1) < 0.05
+    assert abs(float(all_inputs(b.train).mean())) < 1e-5 and abs(float(all_inputs(b.train).std()) - 1) < 0.05
 
 
 def test_flat_vectors_are_standardised_per_feature(tmp_path: Path) -> None:
@@ -70,7 +71,7 @@ def test_flat_vectors_are_standardised_per_feature(tmp_path: Path) -> None:
     x = np.stack([rng.normal(0, 1, 50), rng.normal(100, 10, 50), np.full(50, 7.0)], axis=1)
     b = load(str(_save(tmp_path / "d.npz", x=x, y=_labels(50, 2))))
     assert b.input_shape == (3,) and len(b.mean) == 3
-    torch.testing.assert_close(b.train.inputs.mean(dim=0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(all_inputs(b.train).mean(dim=0), torch.zeros(3), atol=1e-4, rtol=0)
     assert b.std[2] == 1.0  # a constant feature is not divided by zero
 
 

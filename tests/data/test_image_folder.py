@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from old_eager_loaders import all_inputs
 from PIL import Image
 
 from saal.data import load_dataset
@@ -41,7 +42,7 @@ def test_cifar_jpegs_through_folder_prefix(cifar_jpg_folder: Path) -> None:
     assert np.bincount(b.train_targets).tolist() == [30] * 10
     assert np.bincount(b.test.targets).tolist() == [10] * 10
     # normalised by the train split's own per-channel statistics
-    x = b.train.inputs
+    x = all_inputs(b.train)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
     assert all(0.3 < m < 0.6 for m in b.mean) and all(0.15 < s < 0.35 for s in b.std)
@@ -49,14 +50,15 @@ def test_cifar_jpegs_through_folder_prefix(cifar_jpg_folder: Path) -> None:
     first = sorted((cifar_jpg_folder / "train" / "airplane").iterdir())[0]
     pixels = np.asarray(Image.open(first).convert("RGB")).transpose(2, 0, 1) / 255.0
     m, s = np.array(b.mean).reshape(3, 1, 1), np.array(b.std).reshape(3, 1, 1)
-    np.testing.assert_allclose(b.train.inputs[0].numpy(), (pixels - m) / s, atol=1e-5)
+    np.testing.assert_allclose(all_inputs(b.train)[0].numpy(), (pixels - m) / s, atol=1e-5)
     assert b.name == f"folder:{cifar_jpg_folder.resolve()}"
 
 
 def test_threads_decode_the_same_as_one_thread(cifar_jpg_folder: Path) -> None:
     one = load(str(cifar_jpg_folder), workers=1)
     four = load(str(cifar_jpg_folder), workers=4)
-    assert torch.equal(one.train.inputs, four.train.inputs) and torch.equal(one.test.inputs, four.test.inputs)
+    assert torch.equal(all_inputs(one.train), all_inputs(four.train))
+    assert torch.equal(all_inputs(one.test), all_inputs(four.test))
 
 
 def test_flat_layout_holds_out_a_seeded_stratified_fraction(tmp_path: Path, fmt) -> None:
@@ -67,8 +69,8 @@ def test_flat_layout_holds_out_a_seeded_stratified_fraction(tmp_path: Path, fmt)
     assert np.bincount(b.train_targets, minlength=3).tolist() == [4, 8, 1]
     again = load(str(tmp_path), test_fraction=0.2, seed=3)
     other = load(str(tmp_path), test_fraction=0.2, seed=4)
-    assert torch.equal(again.test.inputs, b.test.inputs)
-    assert not torch.equal(other.test.inputs, b.test.inputs)
+    assert torch.equal(all_inputs(again.test), all_inputs(b.test))
+    assert not torch.equal(all_inputs(other.test), all_inputs(b.test))
 
 
 def test_train_folder_without_test_is_split_too(tmp_path: Path, fmt) -> None:
@@ -86,7 +88,7 @@ def test_channels_follow_the_images_or_the_option(tmp_path: Path, fmt) -> None:
     b = load(str(mixed))
     assert b.channels == 3
     # a greyscale image becomes three equal channels
-    x = b.train.inputs * torch.tensor(b.std).view(1, 3, 1, 1) + torch.tensor(b.mean).view(1, 3, 1, 1)
+    x = all_inputs(b.train) * torch.tensor(b.std).view(1, 3, 1, 1) + torch.tensor(b.mean).view(1, 3, 1, 1)
     torch.testing.assert_close(x[0, 0], x[0, 1])
     assert load(str(mixed), channels=1).channels == 1
 

@@ -90,9 +90,26 @@ def _resolve(target: str) -> Callable[..., DatasetBundle]:
     return getattr(importlib.import_module(module), func)
 
 
+# the lazy file-backed datasets, imported on first use (they pull in PIL and torchvision)
+_LAZY_EXPORTS = {"ImageFileDataset": "saal.data.image_folder", "NpzArrayDataset": "saal.data.arrays"}
+
+
+def __getattr__(name: str) -> object:
+    """Return a lazily imported export (``ImageFileDataset``, ``NpzArrayDataset``).
+
+    Raises:
+        AttributeError: ``name`` is not an attribute of this module.
+    """
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ArrayDataset",
     "DatasetBundle",
+    "ImageFileDataset",
+    "NpzArrayDataset",
     "dataset_names",
     "default_data_dir",
     "load_dataset",

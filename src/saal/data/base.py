@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,25 +99,116 @@ def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32, copy=True)
 
 
-def channel_mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+STATS_CHUNK = 4096  # items per float64 partial sum of the normalisation statistics (fixes the rounding)
+DEFAULT_STATS_SAMPLE = 50_000
+
+
+class ChannelMoments:
+    """Running per-channel (dim 1) float64 sums of values and squares, for a mean and standard deviation.
+
+    Fed chunk by chunk with :meth:`add`; the same chunks in the same order give bit-identical results,
+    however they were produced.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, images: torch.Tensor, consume: bool = False) -> None:
+        """Add an ``N x C [x H x W]`` chunk of items to the sums.
+
+        With ``consume``, a float64 ``images`` may be overwritten (squared in place, saving a copy).
+        """
+        dims = [0, *range(2, images.dim())]
+        part = images.to(torch.float64)
+        if self.total is None or self.squares is None:
+            self.total = torch.zeros(images.shape[1], dtype=torch.float64)
+            self.squares = torch.zeros(images.shape[1], dtype=torch.float64)
+        self.total += part.sum(dim=dims)
+        # square in place when ``part`` is ours to overwrite: a fresh copy, or a consumed chunk
+        squared = part.square_() if consume or part.data_ptr() != images.data_ptr() else part.square()
+        self.squares += squared.sum(dim=dims)
+        self.count += images.numel() // images.shape[1]
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Return ``(mean, std)`` per channel; a channel with no spread gets std 1.0.
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        if self.total is None or self.squares is None:
+            raise ValueError("no items to compute statistics of")
+        mean = self.total / self.count
+        std = (self.squares / self.count - mean.square()).clamp_min(0).sqrt()
+        std = torch.where(std > 1e-8, std, torch.ones_like(std))
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def channel_mean_std(images: torch.Tensor, chunk: int = STATS_CHUNK) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Return the per-channel (dim 1) mean and standard deviation of an ``N x C [x H x W]`` float tensor.
 
     Accumulated in float64 over chunks of items so that large sets need little extra memory. A channel
     with no spread gets std 1.0, so that normalising it never divides by zero.
     """
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
-    dims = [0, *range(2, images.dim())]
+    moments = ChannelMoments()
     for start in range(0, len(images), chunk):
-        part = images[start : start + chunk].to(torch.float64)
-        total += part.sum(dim=dims)
-        squares += part.square().sum(dim=dims)
-    count = images.numel() // c
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        moments.add(images[start : start + chunk])
+    return moments.mean_std()
+
+
+def check_stats_sample(stats_sample: object) -> int:
+    """Return ``stats_sample`` if it is a positive integer.
+
+    Raises:
+        SaalError: it is not (bools, floats and strings are refused too).
+    """
+    if isinstance(stats_sample, bool) or not isinstance(stats_sample, (int, np.integer)) or stats_sample < 1:
+        raise SaalError(
+            f"stats_sample must be a positive integer (train items the normalisation statistics are taken from), "
+            f"got {stats_sample!r}"
+        )
+    return int(stats_sample)
+
+
+def stats_indices(n: int, stats_sample: int, seed: int) -> np.ndarray:
+    """Return the sorted indices of the train items the normalisation statistics are computed from.
+
+    All ``n`` items (``0..n-1``, in order) when ``stats_sample >= n``; else ``stats_sample`` distinct items
+    drawn by ``numpy.random.default_rng(seed)``.
+    """
+    if stats_sample >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=stats_sample, replace=False)).astype(np.int64)
+
+
+def streamed_mean_std(
+    read: Callable[[np.ndarray], torch.Tensor], indices: np.ndarray, chunk: int = STATS_CHUNK, part: int = 1024
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the per-channel mean and std of the items at ``indices``, decoding a few at a time.
+
+    ``read(idx)`` returns the ``len(idx) x C [x H x W]`` float32 tensor (before normalisation) of those
+    items; it is called on at most ``part`` items at a time, which are copied into one float64 buffer of
+    ``chunk`` items, the unit of accumulation. So at most one such buffer is held, and with every item in
+    order the result is bit-identical to :func:`channel_mean_std` on the whole (contiguous) float32 tensor.
+
+    Raises:
+        ValueError: ``indices`` is empty.
+    """
+    moments = ChannelMoments()
+    for start in range(0, len(indices), chunk):
+        idx = indices[start : start + chunk]
+        buffer: torch.Tensor | None = None
+        for s in range(0, len(idx), part):
+            x = read(idx[s : s + part])
+            if buffer is None:
+                buffer = torch.empty((len(idx), *x.shape[1:]), dtype=torch.float64)
+            buffer[s : s + len(x)] = x  # float32 -> float64 is exact: the same values as ``x.to(float64)``
+            del x
+        if buffer is not None:
+            moments.add(buffer, consume=True)
+    return moments.mean_std()
 
 
 def normalise_(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
