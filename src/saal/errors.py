@@ -12,4 +12,4 @@ class SaalError(ValueError):
 
 
 class RunInProgress(SaalError):
-    """A run folder that another process is running right now (see :mod:`saal.folder_lock`)."""
+    """A run folder that another process is running right now (see :mod:`saal.experiment.folder_lock`)."""
