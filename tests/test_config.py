@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import yaml
 
-from saal.config import ExperimentSchema, RunSchema, TrainSchema, dump_experiment, load_experiment
+from saal.config import dump_experiment, load_experiment, validate
 from saal.errors import SaalError
 from saal.experiment import ExperimentSpec, RunConfig
 from saal.strategies import build_strategy
@@ -90,10 +88,14 @@ def test_cpu_protocols_are_small_balanced_adam_reinit(name: str) -> None:
         assert r.dataset.startswith("folder:") and r.train.augment
 
 
-def test_schema_mirrors_the_dataclasses() -> None:
-    assert set(TrainSchema.model_fields) == {f.name for f in fields(TrainConfig)}
-    assert set(RunSchema.model_fields) == {f.name for f in fields(RunConfig)}
-    assert set(ExperimentSchema.model_fields) == {f.name for f in fields(ExperimentSpec)}
+def test_files_are_validated_by_the_settings_models_themselves(tmp_path: Path) -> None:
+    """No second schema: a file's keys are the settings models' fields, nested the same way."""
+    spec = validate({"strategies": ["random"], "seeds": [0], "run": {"train": {"epochs": 2}}})
+    assert type(spec) is ExperimentSpec and type(spec.run) is RunConfig and type(spec.run.train) is TrainConfig
+    assert spec.out == ExperimentSpec().out == "runs/default"
+    assert set(yaml.safe_load(dump_experiment(spec))) == set(ExperimentSpec.model_fields)
+    assert set(spec.to_dict()["run"]) == set(RunConfig.model_fields)
+    assert set(spec.to_dict()["run"]["train"]) == set(TrainConfig.model_fields)
 
 
 def test_minimal_file_takes_defaults_and_overrides_apply(tmp_path: Path) -> None:
@@ -196,65 +198,56 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         load_experiment(binary)
 
 
-def _saal(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saal", *args], capture_output=True, text=True, timeout=300)
+# The settings models themselves: the one validator that files, the command line and Python code share.
+
+BAD_SETTINGS = [
+    (TrainConfig, {"lr": float("nan")}, "lr: must be a finite number, got nan"),
+    (TrainConfig, {"lr": float("inf")}, "lr: must be a finite number, got inf"),
+    (TrainConfig, {"lr": 0.0}, "lr: must be > 0, got 0.0"),
+    (TrainConfig, {"momentum": 1.5}, "momentum: must be < 1, got 1.5"),
+    (TrainConfig, {"epochs": 0}, "epochs: must be >= 1, got 0"),
+    (TrainConfig, {"optimizer": "rmsprop"}, "optimizer: must be one of 'adam', 'sgd' or 'sam', got 'rmsprop'"),
+    (TrainConfig, {"lrr": 0.1}, "lrr: unknown key; known keys here: optimizer, lr"),
+    (RunConfig, {"subset": 0}, "subset: must be >= 1, got 0"),
+    (RunConfig, {"rounds": -1}, "rounds: must be >= 0, got -1"),
+    (RunConfig, {"model": "vgg"}, "model: unknown model 'vgg'"),
+    (RunConfig, {"dataset": "imagenet"}, "dataset: unknown dataset 'imagenet'"),
+    (RunConfig, {"device": "gpu9"}, "device: 'gpu9' is not a torch device"),
+    (RunConfig, {"train": {"lr": -1}}, "train.lr: must be > 0, got -1"),
+    (ExperimentSpec, {"seeds": [-1]}, "seeds: seeds must be non-negative integers"),
+    (ExperimentSpec, {"seeds": []}, "seeds: must not be empty"),
+    (ExperimentSpec, {"strategies": ["random", "oracle"]}, "strategies[1]: unknown strategy 'oracle'"),
+    (ExperimentSpec, {"run": {"train": {"momentum": 2}}}, "run.train.momentum: must be < 1, got 2"),
+]
 
 
-@pytest.mark.parametrize(
-    ("text", "extra", "needle"),
-    [
-        ("strategies: [random, oracle]\nseeds: [1]\n", [], "strategies[1]: unknown strategy 'oracle'"),
-        ("strategies: [random, 'entropy[temperature=2]']\nseeds: [1]\n", [], "has no option 'temperature'"),
-        (MINIMAL, ["--set", "run.train.lr=-1"], "run.train.lr: must be > 0"),
-        (MINIMAL, ["--set", "run.bogus=1"], "unknown key 'run.bogus'"),
-        (MINIMAL, ["--strategies", "random,oracle"], "unknown strategy 'oracle'"),
-    ],
-)
-def test_cli_rejects_a_bad_config_before_writing_anything(
-    tmp_path: Path, text: str, extra: list[str], needle: str
-) -> None:
-    path = write(tmp_path, text)
-    out = tmp_path / "out"
-    proc = _saal("run", "--config", str(path), "--out", str(out), "--quiet", *extra)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("saal: error:") and needle in lines[0], proc.stderr
-    assert not out.exists()
+@pytest.mark.parametrize(("cls", "kwargs", "message"), BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_naming_the_key(cls: type, kwargs: dict, message: str) -> None:
+    with pytest.raises(SaalError) as info:
+        cls(**kwargs)
+    assert str(info.value) == message or str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
 
 
-def test_cli_runs_a_config_with_overrides_and_options_on_top(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL)
-    out = tmp_path / "out"
-    proc = _saal("run", "--config", str(path), "--set", "run.rounds=1", "--set", "seeds=[4]", "--epochs", "1",
-                 "--out", str(out), "--quiet")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    config = json.loads((out / "entropy" / "seed-4" / "config.json").read_text())
-    assert (config["rounds"], config["query"], config["train"]["epochs"], config["train"]["lr"]) == (1, 5, 1, 0.01)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["entropy", "random"]
+def test_assignment_is_validated_too() -> None:
+    train = TrainConfig()
+    train.epochs = 3
+    assert train.epochs == 3
+    with pytest.raises(SaalError, match=r"^lr: must be a finite number, got nan$"):
+        train.lr = float("nan")
+    assert train.lr == 1e-3
 
 
-@pytest.mark.parametrize("variant", ["paper-cifar10", "paper-cifar10-sam"])
-def test_paper_protocol_starts_and_runs_on_cpu(variant: str, fmt, tmp_path: Path) -> None:
-    """The GPU protocol, shrunk only in rounds, epochs and pool subset, runs on CPU on torchvision's CIFAR-10 files."""
-    import json
-
-    fmt.write_cifar10(tmp_path / "data", per_batch=20)  # 100 train images (>= 2 per class), 20 test images
-    out = tmp_path / "out"
-    proc = _saal("run", "--config", str(CONFIGS / f"{variant}.yaml"), "--data-dir", str(tmp_path / "data"),
-                 "--device", "cpu", "--set", "run.rounds=1", "--set", "run.train.epochs=1", "--set", "run.subset=20",
-                 "--strategies", "random,saal-reference", "--seeds", "123,", "--out", str(out), "--quiet")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    for strategy in ("random", "saal-reference"):
-        folder = out / strategy / "seed-123"
-        config = json.loads((folder / "config.json").read_text())
-        train = config["train"]
-        protocol = (config["dataset"], config["model"], config["initial"], config["query"])
-        assert protocol == ("cifar10", "resnet18", 20, 10)
-        assert (train["batch_size"], train["epochs"], config["device"]) == (10, 1, "cpu")
-        assert (train["optimizer"], config["reinit"]) == (("sam", False) if variant.endswith("sam") else ("adam", True))
-        rounds = json.loads((folder / "rounds.json").read_text())
-        assert [r["labelled"] for r in rounds] == [20, 30] and config["subset"] == 20
-        assert len(set(rounds[0]["chosen"])) == 10 and all(0 <= i < 100 for i in rounds[0]["chosen"])
-        assert 0.0 <= rounds[-1]["accuracy"] <= 1.0 and (folder / "model.pt").is_file()
+def test_settings_keep_the_keyword_api_defaults_and_plain_dicts() -> None:
+    spec = ExperimentSpec(run=RunConfig(initial=20, train=TrainConfig(epochs=3)), strategies=["random"], seeds=[4])
+    assert spec.run.train.epochs == 3 and spec.run.train.lr == 1e-3 and spec.out == "runs/default"
+    assert ExperimentSpec(run={"train": {"epochs": 2}}).run.train == TrainConfig(epochs=2)  # type: ignore[arg-type]
+    data = spec.to_dict()
+    assert list(data) == ["run", "strategies", "seeds", "out"]
+    assert data["run"]["train"] == {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
+                                    "epochs": 3, "batch_size": 64, "augment": False, "sam_rho": 0.05}  # fmt: skip
+    keys = ["dataset", "model", "initial", "initial_balanced", "query", "rounds", "reinit", "subset",
+            "score_batch_size", "device", "data_dir", "dataset_options", "train"]  # fmt: skip
+    assert list(data["run"]) == keys
+    assert ExperimentSpec(**data) == spec and RunConfig(**data["run"]) == spec.run
+    assert ExperimentSpec().strategies == ["random", "entropy", "saal"] and ExperimentSpec().seeds == [0, 1, 2]

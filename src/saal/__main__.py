@@ -1,3 +1,5 @@
+"""``python -m saal``: the ``saal`` command."""
+
 import sys
 
 from saal.cli import main

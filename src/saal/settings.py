@@ -1,21 +1,75 @@
 """The settings of an experiment: how a model is trained, what one run is, and a grid of runs.
 
 These are the one definition of every setting, its default and its allowed values; the command
-line and protocol files both build them.
+line and protocol files both build them, and so does Python code::
+
+    ExperimentSpec(run=RunConfig(initial=20, train=TrainConfig(epochs=3)), strategies=["random"], seeds=[0])
+
+A bad value (an unknown key, a wrong type, nan, an out-of-range number, an unknown dataset, model,
+device or strategy) raises :class:`~saal.validation.SettingError` (a :class:`~saal.errors.SaalError`)
+with one line naming the key, e.g. ``run.train.lr: must be > 0, got 0``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pydantic import Field, field_validator
+
 from saal.errors import SaalError
+from saal.validation import Settings
 
 OPTIMIZERS = ("adam", "sgd", "sam")
 
 
-@dataclass
-class TrainConfig:
+def check_dataset_name(value: str) -> str:
+    """Return ``value`` if it is a registered dataset, ``folder:PATH`` or ``npz:PATH``.
+
+    Raises:
+        SaalError: otherwise, listing the choices.
+    """
+    from saal.data import USER_PREFIXES, dataset_names
+
+    if value.startswith(USER_PREFIXES):
+        if not value.split(":", 1)[1]:
+            raise SaalError(f"{value!r} needs a path after the colon")
+        return value
+    if value not in dataset_names():
+        raise SaalError(
+            f"unknown dataset {value!r}; choose one of {', '.join(dataset_names())}, or folder:PATH or npz:PATH"
+        )
+    return value
+
+
+def check_model_name(value: str) -> str:
+    """Return ``value`` if it is a registered model name.
+
+    Raises:
+        SaalError: otherwise, listing the choices.
+    """
+    from saal.models import MODEL_NAMES
+
+    if value not in MODEL_NAMES:
+        raise SaalError(f"unknown model {value!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return value
+
+
+def check_device_name(value: str) -> str:
+    """Return ``value`` if torch reads it as a device name (whether this machine has it is checked later).
+
+    Raises:
+        SaalError: a malformed device name.
+    """
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise SaalError(f"{value!r} is not a torch device; write e.g. cpu, cuda or cuda:1") from None
+    return value
+
+
+class TrainConfig(Settings):
     """How the model is trained each round.
 
     Attributes:
@@ -28,32 +82,20 @@ class TrainConfig:
     """
 
     optimizer: Literal["adam", "sgd", "sam"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 50
-    batch_size: int = 64
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=64, ge=1)
     augment: bool = False
-    sam_rho: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise SaalError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise SaalError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "momentum", "weight_decay", "sam_rho"):
-            if getattr(self, key) < 0:
-                raise SaalError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.lr == 0:
-            raise SaalError("lr must be > 0")
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    sam_rho: float = Field(default=0.05, ge=0)
 
 
-@dataclass
-class RunConfig:
+def _default_train() -> TrainConfig:
+    return TrainConfig()
+
+
+class RunConfig(Settings):
     """Everything that defines one active-learning run, apart from the strategy and the seed.
 
     Attributes:
@@ -62,64 +104,103 @@ class RunConfig:
         initial: size of the initial labelled set.
         initial_balanced: class-balanced (initial / classes per class) or uniform initial set.
         query: items acquired per round.
-        rounds: acquisition rounds (the run records rounds + 1 accuracies).
+        rounds: acquisition rounds; the run records rounds + 1 accuracies (0: train on the initial
+            set and evaluate, acquire nothing).
         reinit: re-initialise to the same initial weights every round (else warm-start).
         subset: pool subset size for every strategy (None: whole pool).
         score_batch_size: pool items scored at once.
         device: torch device for training and scoring.
+        data_dir: folder of the standard dataset files (None: ``$SAAL_DATA_DIR`` or ``~/.cache/saal``).
+        dataset_options: options passed to the dataset loader.
         train: the training settings.
     """
 
     dataset: str = "digits"
     model: str = "mlp"
-    initial: int = 20
+    initial: int = Field(default=20, ge=1)
     initial_balanced: bool = True
-    query: int = 20
-    rounds: int = 5
+    query: int = Field(default=20, ge=1)
+    rounds: int = Field(default=5, ge=0)
     reinit: bool = True
-    subset: int | None = None
-    score_batch_size: int = 256
+    subset: int | None = Field(default=None, ge=1)
+    score_batch_size: int = Field(default=256, ge=1)
     device: str = "cpu"
     data_dir: str | None = None
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=_default_train)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        for key in ("initial", "query", "score_batch_size"):
-            if getattr(self, key) < 1:
-                raise SaalError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.rounds < 0:
-            raise SaalError(f"rounds must be >= 0, got {self.rounds}")
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        return check_dataset_name(value)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        return check_device_name(value)
 
 
-@dataclass
-class ExperimentSpec:
-    """A grid of runs: every strategy x every seed, under one :class:`RunConfig`."""
+def _default_run() -> RunConfig:
+    return RunConfig()
 
-    run: RunConfig = field(default_factory=RunConfig)
-    strategies: list[str] = field(default_factory=lambda: ["random", "entropy", "saal"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+def _default_strategies() -> list[str]:
+    return ["random", "entropy", "saal"]
+
+
+def _default_seeds() -> list[int]:
+    return [0, 1, 2]
+
+
+class ExperimentSpec(Settings):
+    """A grid of runs: every strategy x every seed, under one :class:`RunConfig`.
+
+    Attributes:
+        run: the settings every run shares.
+        strategies: strategy specs, e.g. ``["random", "saal[score=diff]"]``; each listed once.
+        seeds: distinct non-negative seeds.
+        out: the output folder.
+    """
+
+    strategies: list[str] = Field(default_factory=_default_strategies, min_length=1)
+    seeds: list[int] = Field(default_factory=_default_seeds, min_length=1)
     out: str = "runs/default"
+    run: RunConfig = Field(default_factory=_default_run)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.run, dict):
-            self.run = RunConfig(**self.run)
-        if not self.strategies:
-            raise SaalError("no strategies given; name at least one, e.g. --strategies random,entropy")
-        if not self.seeds:
-            raise SaalError("no seeds given; give a count (--seeds 3) or a list (--seeds 123,456)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise SaalError(f"seeds repeat: {self.seeds}; give each seed once")
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, value: list[str]) -> list[str]:
+        from saal.strategies import parse_spec, strategy_names
+
+        for i, spec in enumerate(value):
+            try:
+                name, _ = parse_spec(spec)
+            except SaalError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
+            if name not in strategy_names():
+                raise ValueError(f"[{i}]: unknown strategy {name!r}; choose one of {', '.join(strategy_names())}")
+        if len(set(value)) != len(value):
+            raise ValueError("a strategy is listed twice; list each once")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if any(s < 0 for s in value):
+            raise ValueError("seeds must be non-negative integers")
+        if len(set(value)) != len(value):
+            raise ValueError("a seed is listed twice; give each seed once")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.run.to_dict(),
-            "strategies": list(self.strategies),
-            "seeds": list(self.seeds),
-            "out": self.out,
-        }
+        """Return the grid as nested plain dicts: ``run`` (with ``train``), ``strategies``, ``seeds``, ``out``."""
+        data = self.model_dump()
+        return {"run": data.pop("run"), **data}
+
+
+__all__ = ["OPTIMIZERS", "ExperimentSpec", "RunConfig", "TrainConfig"]

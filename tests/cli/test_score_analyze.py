@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,9 @@ def test_score_with_a_strategy_that_scores_nothing(tmp_path: Path, capsys: pytes
         (lambda d: torch.save([1, 2], d / "list.pt") or d / "list.pt", "state_dict of tensors"),
     ],
 )
-def test_bad_weights_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], make, text: str) -> None:
+def test_bad_weights_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], Path], text: str
+) -> None:
     path = make(tmp_path)
     assert main(["score", "--weights", str(path), "--out", str(tmp_path / "s.csv")]) == 2
     assert text in _error_line(capsys)

@@ -1,0 +1,285 @@
+"""``saal run``: active-learning rounds for several strategies and seeds.
+
+The settings come from one nested mapping of :class:`~saal.settings.ExperimentSpec` keys, built in
+this order and validated once: the defaults (or the ``--config`` file's data), then ``--set``
+overrides, then the command-line options on top. Strategies, sizes and the output folder are all
+checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from saal.cli.options import add_option, default_of, validate_options
+from saal.config import apply_overrides, check_required, default_out_of, read_protocol
+from saal.data import load_dataset
+from saal.errors import SaalError
+from saal.experiment import RoundResult, accuracy_table, check_grid, run_grid
+from saal.models import MODEL_NAMES
+from saal.settings import OPTIMIZERS, ExperimentSpec
+from saal.strategies import build_strategy, parse_value, split_specs
+
+MAX_SEED_COUNT = 50
+
+# (option, dotted ExperimentSpec key, argparse type, help) of every option that sets one key to its value.
+VALUE_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("--dataset", "run.dataset", str, "dataset name, folder:PATH (image folder) or npz:PATH"),
+    ("--model", "run.model", str, f"model name: {', '.join(MODEL_NAMES)}"),
+    ("--initial", "run.initial", int, "initial labelled set size"),
+    ("--query", "run.query", int, "items acquired per round (K)"),
+    (
+        "--rounds",
+        "run.rounds",
+        int,
+        "acquisition rounds; each run records rounds + 1 accuracies. 0 trains on the initial set and "
+        "evaluates it, acquiring nothing",
+    ),
+    ("--epochs", "run.train.epochs", int, "training epochs per round"),
+    ("--batch-size", "run.train.batch_size", int, "training batch size"),
+    ("--lr", "run.train.lr", float, "learning rate"),
+    ("--optimizer", "run.train.optimizer", str, f"optimiser: {', '.join(OPTIMIZERS)}"),
+    ("--momentum", "run.train.momentum", float, "momentum for sgd and sam, in [0, 1)"),
+    ("--weight-decay", "run.train.weight_decay", float, "weight decay"),
+    ("--sam-rho", "run.train.sam_rho", float, "SAM training radius"),
+    ("--score-batch-size", "run.score_batch_size", int, "pool items scored at once"),
+    ("--device", "run.device", str, "torch device, e.g. cpu or cuda"),
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``saal run`` on the ``saal`` command's subparsers."""
+    p = subparsers.add_parser(
+        "run",
+        help="run active-learning rounds for several strategies and seeds",
+        description=(
+            "Rounds of train -> evaluate -> acquire K -> label (from the dataset's true labels) for every "
+            "strategy and seed. With no arguments: digits, MLP, random vs entropy vs saal, 3 seeds. "
+            "Results (per-round CSV/JSON, final weights) go under --out; a run that was stopped resumes "
+            "where it left off when the same command is given again. Settings: the defaults (or the "
+            "--config file), then --set overrides, then the options below."
+        ),
+    )
+    p.add_argument("--config", help="a protocol YAML file (see configs/); --set and the options below override it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set run.train.lr=0.01 (repeatable)",
+    )
+    spec = ExperimentSpec
+    add_option(p, "--strategies", spec, "strategies", "comma-separated strategy specs, e.g. random,saal[score=diff]")
+    add_option(
+        p,
+        "--seeds",
+        spec,
+        "seeds",
+        "number of seeds (3 -> 0,1,2) or a comma-separated list (123,456,789; one seed: 123,)",
+    )
+    for flag, key, kind, text in VALUE_OPTIONS:
+        add_option(p, flag, spec, key, text, type=kind)
+    add_option(
+        p,
+        "--data-dir",
+        spec,
+        "run.data_dir",
+        "folder holding the standard dataset files",
+        shown_default="$SAAL_DATA_DIR or ~/.cache/saal",
+    )
+    p.add_argument(
+        "--dataset-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a loader option, e.g. image_size=32 or test_fraction=0.2 for folder: data (repeatable)",
+    )
+    add_option(
+        p,
+        "--subset",
+        spec,
+        "run.subset",
+        "score only a random subset of this many unlabelled items per round",
+        shown_default="the whole pool",
+        type=int,
+    )
+    p.add_argument(
+        "--uniform-initial", action="store_true", help="draw the initial set uniformly instead of class-balanced"
+    )
+    p.add_argument("--augment", action="store_true", help="random crop (pad 4) + horizontal flip")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="continue from last round's weights instead of re-initialising to the same initial weights",
+    )
+    add_option(
+        p, "--out", spec, "out", "output folder", shown_default=f"{default_of(spec, 'out')}, or runs/<stem> of --config"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_command)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Return the seeds ``--seeds`` names: ``3`` -> [0, 1, 2]; ``123,456`` -> [123, 456]; ``5,`` -> [5].
+
+    Raises:
+        SaalError: not a count or a list of integers, or a count below 1 or above :data:`MAX_SEED_COUNT`.
+    """
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise SaalError(f"--seeds: takes a count (3) or a list (123,456,789), got {text!r}") from None
+    if n < 1:
+        raise SaalError(f"--seeds: a count must be at least 1, got {n}")
+    if n > MAX_SEED_COUNT:
+        raise SaalError(
+            f"--seeds: {n} would run {n} seeds (0..{n - 1}); to run the single seed {n}, write --seeds {n},"
+        )
+    return list(range(n))
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` in nested ``data``, creating mappings on the way (a non-mapping is left to validation)."""
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):  # e.g. `run: 3` in a file: validation reports it
+            return
+        node = child
+    node[last] = value
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    """Return the value at dotted ``key`` in nested ``data`` (None where it is not set)."""
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _dataset_options(items: list[str], start: Any) -> dict[str, Any]:
+    """Return ``start`` (the file's dataset options) updated with ``--dataset-option KEY=VALUE`` items.
+
+    Raises:
+        SaalError: an item without ``=`` or a key.
+    """
+    options = dict(start) if isinstance(start, dict) else {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SaalError(f"--dataset-option: {item!r} needs the form KEY=VALUE, e.g. image_size=32")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
+    """Return the validated settings ``saal run`` was given.
+
+    Raises:
+        SaalError: one line naming the option (or the config key) of the first bad value.
+    """
+    source: str | None = None
+    data: dict[str, Any] = {}
+    if args.config:
+        source = f"config {args.config}"
+        data = read_protocol(args.config)
+    data = apply_overrides(data, args.set, source or "--set")
+    flags: dict[str, str] = {}
+
+    def put(key: str, value: Any, flag: str) -> None:
+        _put(data, key, value)
+        flags[key] = flag
+
+    if args.strategies is not None:
+        put("strategies", split_specs(args.strategies), "--strategies")
+    if args.seeds is not None:
+        put("seeds", parse_seeds(args.seeds), "--seeds")
+    for flag, key, _, _ in VALUE_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            put(key, value, flag)
+    if args.data_dir is not None:
+        put("run.data_dir", args.data_dir, "--data-dir")
+    if args.subset is not None:
+        put("run.subset", args.subset, "--subset")
+    if args.dataset_option:
+        put("run.dataset_options", _dataset_options(args.dataset_option, _get(data, "run.dataset_options")),
+            "--dataset-option")  # fmt: skip
+    if args.uniform_initial:
+        put("run.initial_balanced", False, "--uniform-initial")
+    if args.augment:
+        put("run.train.augment", True, "--augment")
+    if args.warm_start:
+        put("run.reinit", False, "--warm-start")
+    if args.out is not None:
+        put("out", args.out, "--out")
+    if args.config:
+        check_required(data, f"config {args.config}")
+        if data.get("out") is None:
+            data["out"] = default_out_of(args.config)
+    return validate_options(ExperimentSpec, data, flags, source or ("--set" if args.set else None))
+
+
+def check_strategies(spec: ExperimentSpec) -> None:
+    """Build every strategy of ``spec`` once (under a forked torch RNG), to refuse bad options early.
+
+    Raises:
+        SaalError: an unknown strategy or option, or a bad option value.
+    """
+    with torch.random.fork_rng(devices=[]):
+        for s in spec.strategies:
+            build_strategy(s, subset=spec.run.subset, batch_size=spec.run.score_batch_size)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``saal run``.
+
+    Returns:
+        The exit code, 0.
+
+    Raises:
+        SaalError: any bad setting, raised before anything is written.
+    """
+    spec = spec_from_args(args)
+    check_strategies(spec)
+    bundle = load_dataset(spec.run.dataset, spec.run.data_dir, **spec.run.dataset_options)
+    check_grid(spec, bundle)
+    total = len(spec.strategies) * len(spec.seeds) * (spec.run.rounds + 1)
+    bar = tqdm(total=total, disable=args.quiet, unit="round", dynamic_ncols=True, file=sys.stderr)
+
+    def on_run_start(strategy: str, seed: int, done: int) -> None:
+        bar.update(done)
+        bar.set_description(f"{strategy} seed {seed}")
+
+    def on_round(strategy: str, seed: int, r: RoundResult) -> None:
+        bar.update(1)
+        bar.set_postfix(labels=r.labelled, acc=f"{100 * r.accuracy:.1f}%")
+
+    busy: list[str] = []
+
+    def on_busy(strategy: str, seed: int) -> None:
+        bar.update(spec.run.rounds + 1)
+        busy.append(f"{strategy} seed {seed}")
+
+    try:
+        rows = run_grid(spec, bundle, on_round=on_round, on_run_start=on_run_start, on_busy=on_busy)
+    finally:
+        bar.close()
+    if rows:
+        print(accuracy_table(rows))
+    if busy:
+        print(
+            f"\nleft to another process running in {spec.out} now: {', '.join(busy)}; "
+            "give this command again when it is done to see every run here"
+        )
+    print(
+        f"\nresults: {spec.out}/results.csv (one row per strategy, seed and round); per-run folders under {spec.out}/"
+    )
+    return 0
