@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ class SAM(torch.optim.Optimizer):
         params: Iterable[torch.nn.Parameter],
         base_optimizer: type[torch.optim.Optimizer],
         rho: float = 0.05,
-        **base_kwargs: object,
+        **base_kwargs: Any,
     ) -> None:
         if rho < 0:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
@@ -68,11 +69,11 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    def state_dict(self) -> dict:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """Return the base optimiser's state (momentum buffers live there, not in SAM's own state)."""
         return self.base_optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (into the base optimiser, which SAM shares groups with)."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups

@@ -244,7 +244,9 @@ def _read_cifar_meta(path: Path, key: str) -> list[str]:
 def _read_cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(images N x 3 x 32 x 32 uint8, labels)`` from one pickled CIFAR batch."""
     entry = _unpickle(path)
-    labels_key = next((k for k in ("labels", "fine_labels") if isinstance(entry, dict) and k in entry), None)
+    if not isinstance(entry, dict):
+        entry = {}
+    labels_key = next((k for k in ("labels", "fine_labels") if k in entry), None)
     if labels_key is None or "data" not in entry:
         raise SaalError(f"{path} lacks the 'data' and 'labels' / 'fine_labels' entries of a CIFAR batch")
     data = np.asarray(entry["data"])

@@ -13,7 +13,7 @@ from saal.models.base import Classifier
 class MLP(Classifier):
     """Flatten -> [Linear -> ReLU -> Dropout] x len(hidden) -> Linear head."""
 
-    feature_layers = ("body.2", "body.5")
+    feature_layers: tuple[str, ...] = ("body.2", "body.5")
 
     def __init__(
         self,
