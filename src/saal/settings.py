@@ -12,9 +12,9 @@ with one line naming the key, e.g. ``run.train.lr: must be > 0, got 0``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from saal.errors import SaalError
 from saal.validation import Settings
@@ -69,6 +69,12 @@ def check_device_name(value: str) -> str:
     return value
 
 
+# Names checked against the registries wherever a setting holds one (run settings, `saal score` options).
+DatasetName = Annotated[str, AfterValidator(check_dataset_name)]
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
+
+
 class TrainConfig(Settings):
     """How the model is trained each round.
 
@@ -115,8 +121,8 @@ class RunConfig(Settings):
         train: the training settings.
     """
 
-    dataset: str = "digits"
-    model: str = "mlp"
+    dataset: DatasetName = "digits"
+    model: ModelName = "mlp"
     initial: int = Field(default=20, ge=1)
     initial_balanced: bool = True
     query: int = Field(default=20, ge=1)
@@ -124,25 +130,10 @@ class RunConfig(Settings):
     reinit: bool = True
     subset: int | None = Field(default=None, ge=1)
     score_batch_size: int = Field(default=256, ge=1)
-    device: str = "cpu"
+    device: DeviceName = "cpu"
     data_dir: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=_default_train)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        return check_dataset_name(value)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_name(value)
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        return check_device_name(value)
 
 
 def _default_run() -> RunConfig:

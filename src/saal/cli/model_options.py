@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from saal.cli.options import add_option
 from saal.model_loading import PreparedModel, prepare_model
 from saal.models import MODEL_NAMES
-from saal.settings import check_dataset_name, check_device_name, check_model_name
+from saal.settings import DatasetName, DeviceName, ModelName
 from saal.validation import Settings
 
 # model key -> option
@@ -30,30 +30,15 @@ MODEL_FLAGS = {
 class ModelOptions(Settings):
     """Which dataset and model to load, and how to prepare the model (see :func:`saal.model_loading.prepare_model`)."""
 
-    dataset: str = "digits"
+    dataset: DatasetName = "digits"
     data_dir: str | None = None
-    model: str = "mlp"
+    model: ModelName = "mlp"
     weights: str | None = None
     seed: int = Field(default=0, ge=0)
     train_on: int = Field(default=0, ge=0)
     epochs: int = Field(default=30, ge=1)
     split: Literal["train", "test"] = "train"
-    device: str = "cpu"
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        return check_dataset_name(value)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_name(value)
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        return check_device_name(value)
+    device: DeviceName = "cpu"
 
     def prepare(self) -> PreparedModel:
         """Return the loaded dataset and the ready model these options describe.
