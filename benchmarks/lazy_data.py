@@ -8,8 +8,8 @@ the load and of the pass, the process's resident size after the imports (the bas
 size (``ru_maxrss``); "growth" is peak minus baseline. Both loaders' train items are also checked to be equal
 (``torch.equal``) on the first 512 items.
 
-    python benchmarks/lazy_data.py /tmp/cifar5k                 # a folder with train/<class>/* (and test/)
-    python benchmarks/lazy_data.py /tmp/cifar5k /tmp/cifar50k --out benchmarks/results/lazy-data.txt
+    python benchmarks/lazy_data.py data/cifar5k                  # a folder with train/<class>/* (and test/)
+    python benchmarks/lazy_data.py data/cifar5k data/cifar50k --out benchmarks/results/lazy-data.txt
 
 A CIFAR-10 JPEG folder of 5,000 images can be cut from ``cifar10-jpg.zip`` (train/<class>/NNNN.jpg,
 test/<class>/NNNN.jpg), e.g. the first 400 train and 100 test files of each class.
@@ -25,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -112,13 +113,18 @@ def _measure(folder: str, batch: int) -> str:
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for variant in ("eager", "lazy"):
-        check = f"/tmp/lazy_data_check_{os.getpid()}_{variant}.pt"
+        check = os.path.join(tempfile.gettempdir(), f"lazy_data_check_{os.getpid()}_{variant}.pt")
         cmd = [sys.executable, __file__, folder, "--batch", str(batch), "--variant", variant]
         out = subprocess.run([*cmd, "--check", check], check=True, capture_output=True, text=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    same = torch.equal(*(torch.load(f"/tmp/lazy_data_check_{os.getpid()}_{v}.pt") for v in ("eager", "lazy")))
+    same = torch.equal(
+        *(
+            torch.load(os.path.join(tempfile.gettempdir(), f"lazy_data_check_{os.getpid()}_{v}.pt"))
+            for v in ("eager", "lazy")
+        )
+    )
     for v in ("eager", "lazy"):
-        os.remove(f"/tmp/lazy_data_check_{os.getpid()}_{v}.pt")
+        os.remove(os.path.join(tempfile.gettempdir(), f"lazy_data_check_{os.getpid()}_{v}.pt"))
     lines = [
         f"folder: {Path(folder).resolve()} ({rows[0]['items']} train items)",
         f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
