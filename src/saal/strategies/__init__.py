@@ -144,6 +144,8 @@ def build_strategy(spec: str | Strategy, **overrides: Any) -> Strategy:
         return cls(**merged)
     except TypeError as exc:
         raise SaalError(f"bad options for strategy {name!r}: {exc}") from None
+    except SaalError as exc:  # a bad option value: say which strategy spec it came from
+        raise SaalError(f"strategy {spec.strip()!r}: {exc}") from None
 
 
 __all__ = [
