@@ -58,7 +58,9 @@ class Task(ABC):
 
     def collate(self, inputs: list[Any]) -> Any:
         """Return one batch from a list of item inputs (default: stack same-shaped tensors)."""
-        return torch.stack([torch.as_tensor(x) for x in inputs])
+        from saal.core.scan import stack_inputs  # the scan reads datasets, which name tasks: imported late
+
+        return stack_inputs(inputs)
 
     def collate_targets(self, targets: list[Any]) -> Any:
         """Return one batch of targets from a list of label values."""
