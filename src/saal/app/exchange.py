@@ -1,0 +1,198 @@
+"""Labels out and in: streaming CSV and JSON, an image-folder tree, and import from a CSV.
+
+Exports read the labelled items in pages of :data:`PAGE` by id (each page its own short read), so memory and
+the time to the first byte do not grow with the project. Every export holds the current label of each labelled
+image: ``file`` (relative to the project folder), ``label``, ``annotator`` and ``time`` (UTC, ISO 8601).
+
+The image-folder tree (``OUT/<class>/<file>``) is what ``saal run --dataset folder:OUT`` reads.
+
+An import reads a CSV with at least ``file`` and ``label`` columns (``annotator`` and ``time`` optional), checks
+every row first, then adds them to the history in one transaction (kind ``import``): all or nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from saal.app import db
+from saal.app.project import STATE_DIR, Project
+from saal.errors import SaalError
+
+PAGE = 1000
+COLUMNS = ("file", "label", "annotator", "time")
+
+
+def iso(seconds: float | None) -> str:
+    """Return epoch ``seconds`` as UTC ISO 8601 (empty for None)."""
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def labelled_rows(engine: Engine) -> Iterator[dict[str, Any]]:
+    """Yield every labelled item as ``{"file", "label", "annotator", "time"}``, by id, a page at a time."""
+    it = db.items
+    after = -1
+    while True:
+        with db.read(engine) as conn:
+            page = conn.execute(
+                select(it.c.id, it.c.path, it.c.label, it.c.annotator, it.c.labelled_at)
+                .where(it.c.state == db.LABELLED, it.c.id > after)
+                .order_by(it.c.id)
+                .limit(PAGE)
+            ).all()
+        if not page:
+            return
+        for row in page:
+            yield {"file": row.path, "label": row.label, "annotator": row.annotator or "", "time": iso(row.labelled_at)}
+        after = int(page[-1].id)
+
+
+def csv_chunks(engine: Engine) -> Iterator[str]:
+    """Yield the CSV export (header first) in chunks of up to :data:`PAGE` rows."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for count, row in enumerate(labelled_rows(engine), start=1):
+        writer.writerow(row)
+        if count % PAGE == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def json_chunks(engine: Engine) -> Iterator[str]:
+    """Yield the JSON export: one array of objects, written a row at a time."""
+    yield "["
+    first = True
+    for row in labelled_rows(engine):
+        yield ("\n" if first else ",\n") + json.dumps(row)
+        first = False
+    yield "\n]\n"
+
+
+def export_file(project: Project, out: Path) -> int:
+    """Write the CSV (``.csv``) or JSON (``.json``) export to ``out``; return the number of labelled images.
+
+    Raises:
+        SaalError: another suffix, or ``out`` is a folder.
+    """
+    if out.is_dir():
+        raise SaalError(f"--export {out} is a folder; give a .csv or .json file, or a new folder for the image tree")
+    chunks = csv_chunks if out.suffix.lower() == ".csv" else json_chunks if out.suffix.lower() == ".json" else None
+    if chunks is None:
+        raise SaalError(f"--export {out}: give a .csv or .json file, or a new folder for the image tree")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        for chunk in chunks(project.engine):
+            handle.write(chunk)
+    tmp.replace(out)
+    return sum(1 for _ in labelled_rows(project.engine))
+
+
+def export_tree(project: Project, out: Path) -> int:
+    """Copy each labelled image to ``out/<label>/<file, with / as __>``; return how many.
+
+    Raises:
+        SaalError: ``out`` exists and is not empty, or lies inside the project folder (it would become images).
+    """
+    out = out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SaalError(f"--export {out} exists and is not an empty folder; give a new folder")
+    if out == project.root or project.root in out.parents:
+        raise SaalError(f"--export {out} lies inside the project folder; give a folder outside {project.root}")
+    count = 0
+    for row in labelled_rows(project.engine):
+        target = out / row["label"] / row["file"].replace("/", "__")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project.resolve_image(row["file"]), target)
+        count += 1
+    return count
+
+
+def export(project: Project, out: str) -> str:
+    """Export to ``out``: a ``.csv`` or ``.json`` file, else a new folder (the image tree).
+
+    Returns:
+        One line saying what was written.
+
+    Raises:
+        SaalError: as :func:`export_file` and :func:`export_tree`.
+    """
+    path = Path(out).expanduser()
+    if path.suffix.lower() in (".csv", ".json"):
+        n = export_file(project, path)
+        return f"wrote {n} labels to {path}"
+    n = export_tree(project, path)
+    return f"copied {n} labelled images into {path}/<class>/ (read it with saal run --dataset folder:{path})"
+
+
+def import_csv(project: Project, path: str, annotator: str = "import") -> str:
+    """Add the labels of the CSV at ``path`` to the history (see the module docstring).
+
+    Returns:
+        One line saying how many labels were added, and how many were already there.
+
+    Raises:
+        SaalError: a missing or unreadable file, missing columns, a file not in the project, a label that is not
+            a class; nothing is added then.
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise SaalError(f"--import {source} does not exist; give a CSV with file and label columns")
+    try:
+        with open(source, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = set(reader.fieldnames or [])
+            if not {"file", "label"} <= fields:
+                raise SaalError(f"--import {source} needs the columns file and label; it has {sorted(fields)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SaalError(f"--import {source} is not a readable CSV ({error})") from None
+    with db.read(project.engine) as conn:
+        known = {
+            str(r.path): (int(r.id), r.label, bool(r.readable))
+            for r in conn.execute(select(db.items.c.id, db.items.c.path, db.items.c.label, db.items.c.readable))
+        }
+    changes = []
+    for number, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        while name.startswith("./"):
+            name = name[2:]
+        label = (row.get("label") or "").strip()
+        if name.startswith(f"{STATE_DIR}/") or name not in known:
+            raise SaalError(f"--import {source} line {number}: {name!r} is not an image of this project")
+        if label not in project.classes:
+            raise SaalError(
+                f"--import {source} line {number}: {label!r} is not a class; use one of {', '.join(project.classes)}"
+            )
+        item_id, current, readable = known[name]
+        if not readable:
+            raise SaalError(f"--import {source} line {number}: {name} cannot be read, so it cannot be labelled")
+        if current != label:
+            who = (row.get("annotator") or "").strip() or annotator
+            changes.append((item_id, label, who, _parse_time(row.get("time"), source, number)))
+    from saal.app.labels import record_many
+
+    record_many(project.engine, changes, project.classes, kind="import")
+    return f"imported {len(changes)} labels from {source} ({len(rows) - len(changes)} were there already)"
+
+
+def _parse_time(text: str | None, source: Path, number: int) -> float | None:
+    if not text or not text.strip():
+        return None
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise SaalError(f"--import {source} line {number}: time {text!r} is not ISO 8601") from None
