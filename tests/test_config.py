@@ -247,7 +247,7 @@ def test_settings_keep_the_keyword_api_defaults_and_plain_dicts() -> None:
     assert data["run"]["train"] == {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
                                     "epochs": 3, "batch_size": 64, "augment": False, "sam_rho": 0.05}  # fmt: skip
     keys = ["dataset", "model", "initial", "initial_balanced", "query", "rounds", "reinit", "subset",
-            "score_batch_size", "device", "data_dir", "dataset_options", "train"]  # fmt: skip
+            "score_batch_size", "device", "data_dir", "dataset_options", "model_options", "train"]  # fmt: skip
     assert list(data["run"]) == keys
     assert ExperimentSpec(**data) == spec and RunConfig(**data["run"]) == spec.run
     assert ExperimentSpec().strategies == ["random", "entropy", "saal"] and ExperimentSpec().seeds == [0, 1, 2]

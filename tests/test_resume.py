@@ -16,7 +16,7 @@ import torch
 import saal.experiment as experiment
 import saal.experiment.storage as storage
 from saal.experiment import ActiveLearningRun, ExperimentSpec, RunConfig, run_folder, run_grid
-from saal.strategies import strategy_names
+from saal.strategies import strategies_for
 from saal.training import TrainConfig
 
 # Entropy on an MLP with dropout, trained with SAM and warm-started: training randomness (shuffling,
@@ -222,7 +222,7 @@ def test_a_grid_resumed_in_process_equals_one_run_straight(digits, tmp_path: Pat
 
 # VAAL's adversarial training is cut short: the test is about its state, not its quality.
 STRATEGIES = [
-    *(("vaal[steps=10]" if s == "vaal" else s) for s in strategy_names()),
+    *(("vaal[steps=10]" if s == "vaal" else s) for s in strategies_for("classification")),
     "saal[score=diff]",
     "saal[scope=last-layer]",
 ]

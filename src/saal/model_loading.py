@@ -121,7 +121,7 @@ def prepare_model(
     bundle = load_dataset(dataset, data_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(model, bundle.input_shape, bundle.num_classes)
+        net = build_model(model, bundle.input_shape, bundle.num_classes, task=bundle.task.name)
     source = f"seeded initialisation (seed {seed})"
     if weights:
         load_weights(net, weights)
@@ -131,7 +131,10 @@ def prepare_model(
     except (RuntimeError, AssertionError) as exc:  # a malformed name, or a device this machine lacks
         raise SaalError(f"cannot use device {device!r} ({str(exc).splitlines()[0]}); use --device cpu") from None
     trained = np.empty(0, dtype=np.int64)
-    if train_on:
+    detection = bundle.task.name == "detection"
+    if train_on and detection:  # detection: a uniform labelled set, batches of 2 images, mAP
+        trained, source = _train_detector(net, bundle, train_on, epochs, seed, source)
+    elif train_on:
         n, c = train_on, bundle.num_classes
         if n > len(bundle.train_targets):
             raise SaalError(f"cannot train on {n} items: the train split has {len(bundle.train_targets)}")
@@ -142,10 +145,33 @@ def prepare_model(
             fit(net, bundle.train, trained, bundle.train_targets[trained], config, torch.Generator().manual_seed(0))
         accuracy = evaluate(net, bundle.test)
         source += f", trained on {n} labelled items for {epochs} epochs (test accuracy {100 * accuracy:.1f}%)"
-    pool = Pool(bundle.train if split == "train" else bundle.test, bundle.num_classes)
+    scored_split = bundle.train if split == "train" else bundle.test
+    pool = Pool(scored_split, task=bundle.task) if detection else Pool(scored_split, bundle.num_classes)
     if split == "train" and len(trained):
         pool.label(trained, bundle.train_targets[trained])
     return PreparedModel(bundle, net, pool, source)
+
+
+def _train_detector(
+    net: nn.Module, bundle: DatasetBundle, n: int, epochs: int, seed: int, source: str
+) -> tuple[np.ndarray, str]:
+    """Train a detector on ``n`` seeded uniform train images; return them and the description with its mAP@0.5.
+
+    Raises:
+        SaalError: more images than the train split has.
+    """
+    if n > len(bundle.train_targets):
+        raise SaalError(f"cannot train on {n} items: the train split has {len(bundle.train_targets)}")
+    task = bundle.task
+    trained = initial_indices(bundle.train_targets, n, seed, balanced=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = TrainConfig(epochs=epochs, batch_size=2)
+        generator = torch.Generator().manual_seed(0)
+        fit(net, bundle.train, trained, bundle.train_targets[trained], config, generator, task=task)
+    score = task.evaluate(net, bundle.test)
+    done = f"trained on {n} labelled images for {epochs} epochs (test {score.name} {100 * score.value:.1f}%)"
+    return trained, f"{source}, {done}"
 
 
 __all__ = ["SPLITS", "PreparedModel", "load_weights", "prepare_model"]

@@ -203,11 +203,12 @@ def initial_indices(
         SaalError: if the size is impossible for the dataset.
     """
     rng = as_generator(generator)
+    n = len(targets)
+    if size < 1 or size > n:
+        raise SaalError(f"initial set size {size} is impossible for a dataset of {n} items; choose 1..{n}")
+    if not balanced:  # the targets are not read: any label values (e.g. detection targets) will do
+        return np.sort(rng.choice(n, size=size, replace=False))
     y = np.asarray(targets, dtype=np.int64)
-    if size < 1 or size > len(y):
-        raise SaalError(f"initial set size {size} is impossible for a dataset of {len(y)} items; choose 1..{len(y)}")
-    if not balanced:
-        return np.sort(rng.choice(len(y), size=size, replace=False))
     c = num_classes if num_classes is not None else int(y.max()) + 1
     if size % c:
         raise SaalError(

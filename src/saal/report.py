@@ -511,6 +511,7 @@ def _markdown_group(
     if notes:
         lines += ["", "\\* incomplete: " + "; ".join(notes) + "."]
     lines += ["", f"![learning curves]({png})", ""]
+    lines += _per_class_lines(group, alpha)
     names = group.strategies
     seeds = len(group.seeds)
     unit = "normalised AUC per seed" if paired_on == "auc" else f"{metric} per (seed, round), round 0 left out"
@@ -534,6 +535,59 @@ def _markdown_group(
         w, t, lo = (sum(matrix[a][b][0] == c for b in names if b != a) for c in "WTL")
         lines.append(f"| `{a}` | " + " | ".join(cells) + f" | {w}-{t}-{lo} |")
     lines.append("")
+    return lines
+
+
+def _final_values(run: RunRecord, key: str) -> dict[str, float]:
+    """Return the last round's ``per_class`` or ``details`` values of a run (empty when it has none)."""
+    value = run.rows[-1].get(key) if run.rows else None
+    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _class_auc(run: RunRecord, name: str) -> float:
+    """Return the normalised AUC of one class's per-class metric over a run's rounds (nan where a round lacks it)."""
+    values = [float((r.get("per_class") or {}).get(name, math.nan)) for r in run.rows]
+    return normalised_auc(run.labelled, np.asarray(values))
+
+
+def _per_class_lines(group: Group, alpha: float) -> list[str]:
+    """Return markdown: per strategy, the final per-class metric and other recorded values (detection: ``map``,
+    ``boxes_labelled``), and each class's AUC with a paired test against ``random`` when the group has it.
+    Nothing for runs that record no per-class values."""
+    finished = [r for r in group.runs if r.finished]
+    classes = sorted({c for r in finished for c in _final_values(r, "per_class")})
+    details = sorted({d for r in finished for d in _final_values(r, "details")})
+    if not classes or group.metric == DEFAULT_METRIC:
+        return []
+    head = ["strategy", *[f"{c} final" for c in classes], *[f"{c} AUC" for c in classes], *details]
+    lines = [f"### Per class ({group.name})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_seed = {s: {r.seed: r for r in finished if r.strategy == s} for s in group.strategies}
+    base = by_seed.get("random", {})
+    for s in group.strategies:
+        runs = list(by_seed[s].values())
+        cells = [f"`{s}`"]
+        cells += [_mean_std(mean_std([_final_values(r, "per_class").get(c, math.nan) for r in runs])) for c in classes]
+        for c in classes:
+            text = _mean_std(mean_std([_class_auc(r, c) for r in runs]), 2)
+            seeds = sorted(set(by_seed[s]) & set(base))
+            if s != "random" and len(seeds) >= 2:
+                x = np.array([_class_auc(by_seed[s][k], c) for k in seeds])
+                y = np.array([_class_auc(base[k], c) for k in seeds])
+                outcome, p = compare(x, y, alpha)
+                text += f" {outcome} (p {p:.2f})" if outcome else ""
+            cells.append(text)
+        for d in details:
+            scale = 100.0 if d.startswith("map") else 1.0
+            cells.append(_mean_std(mean_std([_final_values(r, "details").get(d, math.nan) for r in runs]), 1, scale))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Final: the per-class {group.metric} after the last round, in %; AUC: the area under each class's curve "
+        f"(as above), with W / T / L against `random` by a paired t-test over seeds (p < {alpha}); further "
+        "columns: the other values each round records (`map`: mAP@[.5:.95] in %; `boxes_labelled`: boxes in the "
+        "labelled set at the last round), mean ± std over finished runs.",
+        "",
+    ]
     return lines
 
 

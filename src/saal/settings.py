@@ -118,6 +118,9 @@ class RunConfig(Settings):
         device: torch device for training and scoring.
         data_dir: folder of the standard dataset files (None: ``$SAAL_DATA_DIR`` or ``~/.cache/saal``).
         dataset_options: options passed to the dataset loader.
+        model_options: options passed to a detector's builder (e.g. ``weights``, ``frozen``), or to a head on the
+            frozen pretrained backbone (``image_size``, ``dropout``, ``hidden``; see
+            :mod:`saal.models.frozen_backbone`).
         train: the training settings.
     """
 
@@ -133,6 +136,7 @@ class RunConfig(Settings):
     device: DeviceName = "cpu"
     data_dir: str | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
+    model_options: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=_default_train)
 
 

@@ -129,6 +129,7 @@ def test_two_gloo_processes_scan_their_shards_and_gather_the_same_result(tmp_pat
         expected = torch.nn.Linear(3, 2)(x[np.arange(101)[::-1].copy()])
     for r in ranks:
         assert torch.equal(r["out"], expected)  # every rank holds everything, in item order
-    # each rank scored only its own contiguous share: 51 + 50 items, no padding, no duplicates
+    # each rank scored only its own contiguous share in whole batches of 8 (13 batches: 7 + 6, so 56 + 45
+    # items), no padding, no duplicates
     assert sorted(ranks[0]["calls"] + ranks[1]["calls"]) == list(range(101))
-    assert len(ranks[0]["calls"]) == 51 and len(ranks[1]["calls"]) == 50
+    assert len(ranks[0]["calls"]) == 56 and len(ranks[1]["calls"]) == 45

@@ -14,7 +14,7 @@ from saal.data import DatasetBundle
 from saal.errors import SaalError
 from saal.models import build_model
 from saal.pool import Pool, initial_indices
-from saal.strategies import Strategy, build_strategy, strategy_names
+from saal.strategies import Strategy, build_strategy, strategies_for
 from saal.training import TrainConfig, fit
 
 # Cheaper settings where a strategy has an expensive default; the contract does not depend on them.
@@ -45,7 +45,7 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool]]:
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-@pytest.mark.parametrize("name", strategy_names())
+@pytest.mark.parametrize("name", strategies_for("classification"))
 def test_strategy_contract(name: str, model_name: str, digits: DatasetBundle) -> None:
     strategy, model, pool = _trained(name, model_name, digits)
     # A mix of modes, so that "restored" cannot pass by accident.
@@ -74,7 +74,7 @@ def test_strategy_contract(name: str, model_name: str, digits: DatasetBundle) ->
         strategy.select(model, pool, pool.num_unlabelled + 1, 0)
 
 
-@pytest.mark.parametrize("name", strategy_names())
+@pytest.mark.parametrize("name", strategies_for("classification"))
 def test_pool_subset_restricts_what_is_scored(name: str, digits: DatasetBundle) -> None:
     strategy, model, pool = _trained(name, "mlp", digits, subset=60)
     assert strategy.subset == 60

@@ -62,8 +62,8 @@ class _Boxes(Classification):
 
 def test_a_strategy_asked_for_a_task_it_does_not_support_names_those_that_can() -> None:
     pool = Pool(ArrayDataset(torch.zeros(5, 1), np.zeros(5)), task=_Boxes(2))
-    assert strategies_for("detection") == ["random"]
-    assert set(strategies_for("classification")) == set(strategy_names())
+    assert strategies_for("detection")[0] == "random" and "entropy" not in strategies_for("detection")
+    assert set(strategies_for("classification")) == {n for n in strategy_names() if not n.startswith("det-")}
     with pytest.raises(SaalError, match=r"'entropy' does not support detection .*use one of random") as err:
         build_strategy("entropy").select(nn.Linear(1, 2), pool, 1, 0)
     assert "\n" not in str(err.value)

@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from saal.cli.options import add_option, default_of, validate_options
 from saal.config import apply_overrides, check_required, default_out_of, read_protocol
+from saal.core.acquisition_service import AcquisitionService
 from saal.data import load_dataset
 from saal.errors import SaalError
 from saal.experiment import RoundResult, accuracy_table, check_grid, run_grid
+from saal.experiment.loop import load_run_bundle
 from saal.models import MODEL_NAMES
 from saal.settings import OPTIMIZERS, ExperimentSpec
 from saal.strategies import build_strategy, parse_value, split_specs
@@ -28,7 +30,7 @@ MAX_SEED_COUNT = 50
 
 # (option, dotted ExperimentSpec key, argparse type, help) of every option that sets one key to its value.
 VALUE_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
-    ("--dataset", "run.dataset", str, "dataset name, folder:PATH (image folder) or npz:PATH"),
+    ("--dataset", "run.dataset", str, "dataset name, folder:PATH (image folder), npz:PATH, voc:PATH or coco:PATH"),
     ("--model", "run.model", str, f"model name: {', '.join(MODEL_NAMES)}"),
     ("--initial", "run.initial", int, "initial labelled set size"),
     ("--query", "run.query", int, "items acquired per round (K)"),
@@ -98,6 +100,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a loader option, e.g. image_size=32 or test_fraction=0.2 for folder: data (repeatable)",
     )
+    p.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        default=None,
+        help="the task, checked against the dataset's (default: inferred: voc: and coco: data are detection)",
+    )
+    p.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a detector option, e.g. frozen=false, min_size=256 or head_convs=4 (repeatable)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="detectors: a weights file (fcos-lite0: EfficientNet-Lite0 weights; torchvision's detectors: a "
+        "detector state dict), or 'torchvision' for the COCO weights in torchvision's cache (never downloaded)",
+    )
     add_option(
         p,
         "--subset",
@@ -164,8 +185,8 @@ def _get(data: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _dataset_options(items: list[str], start: Any) -> dict[str, Any]:
-    """Return ``start`` (the file's dataset options) updated with ``--dataset-option KEY=VALUE`` items.
+def _dataset_options(items: list[str], start: Any, flag: str = "--dataset-option") -> dict[str, Any]:
+    """Return ``start`` (the file's dataset or model options) updated with ``FLAG KEY=VALUE`` items.
 
     Raises:
         SaalError: an item without ``=`` or a key.
@@ -174,7 +195,7 @@ def _dataset_options(items: list[str], start: Any) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SaalError(f"--dataset-option: {item!r} needs the form KEY=VALUE, e.g. image_size=32")
+            raise SaalError(f"{flag}: {item!r} needs the form KEY=VALUE, e.g. image_size=32")
         options[key.strip()] = parse_value(value.strip())
     return options
 
@@ -212,6 +233,11 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
     if args.dataset_option:
         put("run.dataset_options", _dataset_options(args.dataset_option, _get(data, "run.dataset_options")),
             "--dataset-option")  # fmt: skip
+    if args.model_option or args.weights is not None:
+        options = _dataset_options(args.model_option, _get(data, "run.model_options"), "--model-option")
+        if args.weights is not None:
+            options["weights"] = args.weights
+        put("run.model_options", options, "--model-option")
     if args.uniform_initial:
         put("run.initial_balanced", False, "--uniform-initial")
     if args.augment:
@@ -250,7 +276,17 @@ def run_command(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     check_strategies(spec)
     bundle = load_dataset(spec.run.dataset, spec.run.data_dir, **spec.run.dataset_options)
+    if args.task is not None and args.task != bundle.task.name:
+        raise SaalError(f"--task {args.task}: dataset {spec.run.dataset!r} is labelled for {bundle.task.name}")
     check_grid(spec, bundle)
+    # Under torchrun, rank 0 runs the experiment and every rank scores its share of each acquisition.
+    service = AcquisitionService(spec.to_dict(), device=spec.run.device)
+    if not service.is_main:
+        try:
+            service.serve(lambda: load_run_bundle(spec.run, bundle).train)
+        finally:
+            service.stop()
+        return 0
     total = len(spec.strategies) * len(spec.seeds) * (spec.run.rounds + 1)
     bar = tqdm(total=total, disable=args.quiet, unit="round", dynamic_ncols=True, file=sys.stderr)
 
@@ -260,7 +296,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     def on_round(strategy: str, seed: int, r: RoundResult) -> None:
         bar.update(1)
-        bar.set_postfix(labels=r.labelled, acc=f"{100 * r.accuracy:.1f}%")
+        bar.set_postfix({"labels": r.labelled, "acc" if r.metric == "accuracy" else r.metric: f"{100 * r.value:.1f}%"})
 
     busy: list[str] = []
 
@@ -272,6 +308,7 @@ def run_command(args: argparse.Namespace) -> int:
         rows = run_grid(spec, bundle, on_round=on_round, on_run_start=on_run_start, on_busy=on_busy)
     finally:
         bar.close()
+        service.stop()
     if rows:
         print(accuracy_table(rows))
     if busy:

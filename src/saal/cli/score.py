@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,21 @@ from pydantic import Field, field_validator
 
 from saal.cli.model_options import MODEL_FLAGS, ModelOptions, add_model_arguments
 from saal.cli.options import add_option, given, validate_options
+from saal.core.scoring_job import ScoringJob
+from saal.detection.outputs import write_detection_outputs
 from saal.errors import SaalError
-from saal.strategies import build_strategy
+from saal.strategies import Selection, build_strategy
+from saal.tasks.detection import Detection
 
-FLAGS = {"strategy": "--strategy", "k": "--k", "subset": "--subset", "batch_size": "--batch-size", "out": "--out"}
+FLAGS = {
+    "strategy": "--strategy",
+    "k": "--k",
+    "subset": "--subset",
+    "batch_size": "--batch-size",
+    "out": "--out",
+    "work_dir": "--work-dir",
+    "dist_timeout": "--dist-timeout",
+}
 
 
 class ScoreOptions(ModelOptions):
@@ -26,6 +38,8 @@ class ScoreOptions(ModelOptions):
     subset: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
     out: str = "scores.csv"
+    work_dir: str | None = None
+    dist_timeout: float = Field(default=120.0, gt=0)
 
     @field_validator("k")
     @classmethod
@@ -60,6 +74,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(p, "--batch-size", m, "batch_size", "items scored at once", shown_default="the strategy's own", type=int)
     add_option(p, "--out", m, "out", "CSV file to write")
+    add_option(
+        p,
+        "--work-dir",
+        m,
+        "work_dir",
+        "folder keeping finished pieces of the scoring, reused when the same command is run again",
+        shown_default="OUT.parts under torchrun, none in one process",
+    )
+    add_option(
+        p,
+        "--dist-timeout",
+        m,
+        "dist_timeout",
+        "seconds to wait for the other ranks under torchrun (joining, and every exchange)",
+        type=float,
+    )
     add_model_arguments(p, m)
     p.set_defaults(func=run_score)
 
@@ -89,23 +119,66 @@ def run_score(args: argparse.Namespace) -> int:
         raise SaalError(f"--out: {out} is a folder; give the path of the CSV file to write")
     with torch.random.fork_rng(devices=[]):
         strategy = build_strategy(opts.strategy, subset=opts.subset, batch_size=opts.batch_size)
-    prepared = opts.prepare()
-    selection = strategy.select(prepared.model, prepared.pool, opts.k, np.random.default_rng(opts.seed))
-    pick = {int(i): r for r, i in enumerate(selection.indices)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scored = len(selection.scored_indices) > 0
-    rows = selection.scored_indices if scored else selection.indices
-    with open(out, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["dataset_index", "score", "chosen", "pick"])
-        for pos, idx in enumerate(rows):
-            score = f"{float(selection.scores[pos]):.9g}" if scored else ""
-            r = pick.get(int(idx))
-            writer.writerow([int(idx), score, int(r is not None), "" if r is None else r])
+    # Under torchrun every rank scores its share of the pool and rank 0 alone writes (saal.core.scoring_job).
+    settings = opts.model_dump(exclude={"out", "work_dir", "dist_timeout"})
+    job = ScoringJob(settings, device=opts.device, timeout_s=opts.dist_timeout)
+    try:
+        prepared = opts.prepare()
+        pool = prepared.pool
+        job.check_items(min(opts.subset or pool.num_unlabelled, pool.num_unlabelled))
+        extra: tuple[Path, Path] | None = None
+        work_dir = opts.work_dir or (f"{out}.parts" if job.world_size > 1 else None)
+        selection = job.run(
+            lambda: strategy.select(prepared.model, pool, opts.k, np.random.default_rng(opts.seed)),
+            prepared.model,
+            work_dir,
+        )
+        scored = len(selection.scored_indices) > 0
+        rows = selection.scored_indices if scored else selection.indices
+        if job.is_main:
+            _write_scores(out, selection, rows, scored)
+            if isinstance(pool.task, Detection):
+                extra = write_detection_outputs(
+                    out,
+                    prepared.model,
+                    pool.dataset,
+                    pool.task,
+                    rows,
+                    selection.scores if scored else None,
+                    selection.indices,
+                    getattr(strategy, "score_threshold", None),
+                )
+        job.finish(work_dir)
+    finally:
+        job.close()
+    if not job.is_main:
+        return 0
+    if job.pieces_reused:
+        print(f"resumed: reused {job.pieces_reused} finished pieces from {work_dir}, computed {job.pieces_computed}")
     print(f"model: {prepared.description}")
     if scored:
         print(f"wrote {len(rows)} scores of {opts.strategy} on the {opts.split} split to {out}")
     else:
         print(f"{opts.strategy} scores nothing; wrote its {len(rows)} chosen items with an empty score column to {out}")
     print(f"chosen ({opts.k}, in order): {' '.join(str(int(i)) for i in selection.indices)}")
+    if extra:
+        print(f"pseudo boxes of every scored image: {extra[0]}; the top {min(len(rows), 8)} drawn: {extra[1]}")
     return 0
+
+
+def _write_scores(out: Path, selection: Selection, rows: np.ndarray, scored: bool) -> None:
+    """Write the CSV atomically: a temporary file beside ``out``, renamed over it once complete."""
+    pick = {int(i): r for r, i in enumerate(selection.indices)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["dataset_index", "score", "chosen", "pick"])
+            for pos, idx in enumerate(rows):
+                score = f"{float(selection.scores[pos]):.9g}" if scored else ""
+                r = pick.get(int(idx))
+                writer.writerow([int(idx), score, int(r is not None), "" if r is None else r])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

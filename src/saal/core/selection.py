@@ -6,11 +6,21 @@ from collections.abc import Callable
 
 import numpy as np
 
+from saal.core.streaming_topk import sort_keys, streaming_top_k
+
+# Above this many scores, top_k streams them (argpartition per chunk) instead of sorting them all.
+STREAM_ABOVE = 65536
+
 
 def top_k(scores: np.ndarray, k: int, *, ascending: bool = False) -> np.ndarray:
-    """Return the positions of the ``k`` largest (or smallest) scores, best first, ties by position."""
-    key = scores if ascending else -scores
-    key = np.where(np.isnan(key), np.inf, key)
+    """Return the positions of the ``k`` largest (or smallest) scores, best first, ties by position, NaN last.
+
+    A large array is read in chunks by :func:`saal.core.streaming_topk.streaming_top_k` (the same
+    result as a full sort, in memory ``O(k + chunk)`` and linear time).
+    """
+    if len(scores) > STREAM_ABOVE and k < len(scores) // 4:
+        return streaming_top_k(scores, k, ascending=ascending)
+    key = sort_keys(np.asarray(scores), ascending)
     return np.lexsort((np.arange(len(scores)), key))[:k]
 
 

@@ -27,7 +27,15 @@ _REGISTRY: dict[str, str] = {
     "cifar10": "saal.data.torchvision_sets:load_cifar10",
     "cifar100": "saal.data.torchvision_sets:load_cifar100",
 }
-USER_PREFIXES = ("folder:", "npz:")
+USER_PREFIXES = ("folder:", "npz:", "voc:", "coco:", "npy:")
+# prefix -> the module whose ``load(path, **options)`` reads such data
+_USER_MODULES = {
+    "folder:": "saal.data.image_folder",
+    "npz:": "saal.data.arrays",
+    "voc:": "saal.data.voc",
+    "coco:": "saal.data.coco",
+    "npy:": "saal.data.npy_pool",
+}
 DATA_DIR_ENV = "SAAL_DATA_DIR"
 
 
@@ -49,7 +57,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
         name: a name from :func:`dataset_names`, ``folder:ROOT`` (``ROOT/train/<class>/*`` and
             ``ROOT/test/<class>/*``, or ``ROOT/<class>/*`` with a held-out fraction) or
             ``npz:PATH`` (arrays ``x`` and ``y``; ``PATH`` may also be a folder with
-            ``train.npz`` and ``test.npz``).
+            ``train.npz`` and ``test.npz``) or ``npy:FOLDER`` (``x.npy`` and ``y.npy`` read a batch at a
+            time, see :mod:`saal.data.npy_pool`).
         data_dir: where the standard files are (or will be downloaded to).
         options: loader-specific options (e.g. ``image_size`` for image folders).
 
@@ -65,8 +74,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
             path = name[len(prefix) :]
             if not path:
                 raise SaalError(f"{prefix}PATH needs a path after the colon, e.g. {prefix}/data/my_set")
-            module = "saal.data.image_folder" if prefix == "folder:" else "saal.data.arrays"
-            return _call(name, importlib.import_module(module).load, path, options)
+            return _call(name, importlib.import_module(_USER_MODULES[prefix]).load, path, options)
     if name not in _REGISTRY:
         raise SaalError(
             f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}, or folder:PATH or npz:PATH"
@@ -91,7 +99,11 @@ def _resolve(target: str) -> Callable[..., DatasetBundle]:
 
 
 # the lazy file-backed datasets, imported on first use (they pull in PIL and torchvision)
-_LAZY_EXPORTS = {"ImageFileDataset": "saal.data.image_folder", "NpzArrayDataset": "saal.data.arrays"}
+_LAZY_EXPORTS = {
+    "ImageFileDataset": "saal.data.image_folder",
+    "NpzArrayDataset": "saal.data.arrays",
+    "NpyRowsDataset": "saal.data.npy_pool",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -109,6 +121,7 @@ __all__ = [
     "ArrayDataset",
     "DatasetBundle",
     "ImageFileDataset",
+    "NpyRowsDataset",
     "NpzArrayDataset",
     "dataset_names",
     "default_data_dir",

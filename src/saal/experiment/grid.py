@@ -20,7 +20,7 @@ from saal.data import DatasetBundle, load_dataset
 from saal.errors import RunInProgress, SaalError
 from saal.experiment import storage
 from saal.experiment.folder_lock import folder_lock
-from saal.experiment.loop import ActiveLearningRun, RoundResult, build_run_strategy, describe_run
+from saal.experiment.loop import ActiveLearningRun, RoundResult, build_run_strategy, describe_run, load_run_bundle
 from saal.models import build_model
 from saal.settings import ExperimentSpec
 
@@ -61,7 +61,7 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
             check_task(task)
     check_device(cfg.device)
     with torch.random.fork_rng(devices=[]):  # building a model draws from the global generator
-        build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+        build_model(cfg.model, bundle.input_shape, bundle.num_classes, task=task.name, options=cfg.model_options)
     n = len(bundle.train)  # type: ignore[arg-type]
     if cfg.initial > n:
         raise SaalError(f"initial set {cfg.initial} is larger than the {n}-item pool; choose a smaller --initial")
@@ -75,7 +75,7 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
             f"{cfg.rounds} rounds of {cfg.query} after {cfg.initial} initial labels need {needed} items, "
             f"the pool has {n}; use fewer --rounds or a smaller --query"
         )
-    if cfg.initial_balanced and cfg.initial % bundle.num_classes:
+    if cfg.initial_balanced and task.name == "classification" and cfg.initial % bundle.num_classes:
         raise SaalError(
             f"a class-balanced initial set needs a multiple of the {bundle.num_classes} classes, got {cfg.initial}"
         )
@@ -142,6 +142,7 @@ def run_grid(
         bundle if bundle is not None else load_dataset(spec.run.dataset, spec.run.data_dir, **spec.run.dataset_options)
     )
     check_grid(spec, bundle)
+    bundle = load_run_bundle(spec.run, bundle)  # a head on the frozen backbone trains on its cached features
     out = Path(spec.out)
     with folder_lock(out):  # creates the folder: every check has passed
         storage.atomic_write_text(out / "experiment.json", json.dumps(_merged_experiment(spec), indent=2))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from saal.core.acquisition_service import acquire
 from saal.data import DatasetBundle, load_dataset
 from saal.errors import RunInProgress, SaalError
 from saal.experiment import storage
@@ -38,7 +39,7 @@ from saal.pool import Pool, initial_indices
 from saal.settings import RunConfig
 from saal.strategies import Strategy, build_strategy, parse_spec, strategy_options
 from saal.tasks import Task
-from saal.training import fit
+from saal.training import evaluation_batch_size, fit
 
 
 @dataclass
@@ -53,6 +54,8 @@ class RoundResult:
         train_seconds, acquire_seconds: wall time of training and of the acquisition.
         chosen: the dataset indices acquired after this round (empty after the last).
         per_class: the metric per class name, where the task gives one (kept in ``rounds.json`` only).
+        details: further scores and counts of the round by name (detection: ``map``, ``boxes_labelled``;
+            kept in ``rounds.json`` only).
     """
 
     round: int
@@ -63,6 +66,7 @@ class RoundResult:
     acquire_seconds: float
     chosen: list[int]
     per_class: dict[str, float] = field(default_factory=dict)
+    details: dict[str, float] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -91,6 +95,8 @@ class RoundResult:
         }
         if self.per_class:
             row["per_class"] = dict(self.per_class)
+        if self.details:
+            row["details"] = dict(self.details)
         return row
 
     @classmethod
@@ -109,6 +115,7 @@ class RoundResult:
             acquire_seconds=float(row["acquire_seconds"]),
             chosen=[int(i) for i in row["chosen"]],
             per_class={str(k): float(v) for k, v in dict(row.get("per_class") or {}).items()},
+            details={str(k): float(v) for k, v in dict(row.get("details") or {}).items()},
         )
 
 
@@ -148,6 +155,23 @@ def build_run_strategy(strategy: str | Strategy, config: RunConfig, seed: int) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_streams(seed)["model"] ^ 0x5EED)
         return build_strategy(strategy, subset=config.subset, batch_size=config.score_batch_size)
+
+
+def load_run_bundle(config: RunConfig, bundle: DatasetBundle | None = None, own_model: bool = False) -> DatasetBundle:
+    """Return the data a run of ``config`` trains on: ``bundle`` (default ``config``'s dataset, loaded), turned into
+    the frozen backbone's cached features when ``config.model`` is a head on it (``pretrained-linear``,
+    ``pretrained-mlp``) and no model of one's own is given (``own_model``).
+
+    Raises:
+        SaalError: an unknown or unreadable dataset, bad model options, or inputs the backbone cannot take.
+    """
+    if bundle is None:
+        bundle = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
+    if own_model or config.model not in ("pretrained-linear", "pretrained-mlp"):
+        return bundle
+    from saal.models.frozen_backbone import bundle_for_model  # pulls in timm only when asked for
+
+    return bundle_for_model(bundle, config.model, config.model_options, device=config.device)
 
 
 def resolved_options(strategy: str | Strategy, config: RunConfig) -> dict[str, Any]:
@@ -213,9 +237,7 @@ class ActiveLearningRun:
         self._given = strategy
         self.strategy = build_run_strategy(strategy, config, self.seed)
         self.folder = Path(folder) if folder is not None else None
-        self.bundle = (
-            bundle if bundle is not None else load_dataset(config.dataset, config.data_dir, **config.dataset_options)
-        )
+        self.bundle = load_run_bundle(config, bundle, own_model=model is not None)
         self.task = self.bundle.task
         self.metric = self.task.metric_name
         self.device = torch.device(config.device)
@@ -223,7 +245,11 @@ class ActiveLearningRun:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams["model"])
             base = build_model(
-                model if model is not None else config.model, self.bundle.input_shape, self.bundle.num_classes
+                model if model is not None else config.model,
+                self.bundle.input_shape,
+                self.bundle.num_classes,
+                task=self.task.name,
+                options=config.model_options,
             )
         self.model = base.to(self.device)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -286,7 +312,7 @@ class ActiveLearningRun:
                 self.bundle.train_targets,
                 self.config.initial,
                 np.random.default_rng(self.streams["initial"]),
-                balanced=self.config.initial_balanced,
+                balanced=self.config.initial_balanced and self.task.name == "classification",
                 num_classes=self.bundle.num_classes,
             )
             self.pool.label(start, self.bundle.train_targets[start])
@@ -320,15 +346,18 @@ class ActiveLearningRun:
             self.train_generator,
             hook=self.strategy.training_hook(),
             optimizer_state=None if cfg.reinit else self.optimizer_state,
+            task=self.task,
         )
         if not cfg.reinit:
             self.optimizer_state = fitted.optimizer_state
-        score = self.task.evaluate(self.model, self.bundle.test, cfg.score_batch_size)
+        eval_batch = evaluation_batch_size(cfg.score_batch_size, self.device, self.bundle.input_shape, self.task)
+        score = self.task.evaluate(self.model, self.bundle.test, eval_batch)
         chosen: list[int] = []
         t0 = time.perf_counter()
         if r < cfg.rounds:
             k = min(cfg.query, self.pool.num_unlabelled)
-            selection = self.strategy.select(self.model, self.pool, k, self.acquire_rng)
+            # under torchrun every rank scores its share of the pool (saal.core.acquisition_service)
+            selection = acquire(self.strategy, self.model, self.pool, k, self.acquire_rng)
             self.pool.next_round()
             # the simulated annotator: the true labels of the chosen items, given through the pool
             self.pool.label(selection.indices, self.bundle.train_targets[selection.indices])
@@ -342,6 +371,7 @@ class ActiveLearningRun:
             acquire_seconds=time.perf_counter() - t0,
             chosen=chosen,
             per_class=dict(score.per_class),
+            details={**score.details, **self.task.label_summary(self.pool.labels_of(labelled))},
         )
 
     # -- files --------------------------------------------------------------------------

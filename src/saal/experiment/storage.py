@@ -41,7 +41,7 @@ RUN_KEYS = ("strategy", "seed")
 # The metric a folder without a ``metric`` field (written by saal 0.1.0, classification only) stores.
 DEFAULT_METRIC = "accuracy"
 # The fields of a round row other than its metric.
-ROW_KEYS = ("round", "labelled", "train_seconds", "acquire_seconds", "chosen", "per_class")
+ROW_KEYS = ("round", "labelled", "train_seconds", "acquire_seconds", "chosen", "per_class", "details")
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.json"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -28,6 +28,14 @@ _REGISTRY: dict[str, str] = {
     "vaal": "saal.strategies.vaal:VAAL",
     "saal": "saal.strategies.saal:SAAL",
     "saal-reference": "saal.strategies.saal:SAALReference",
+    "saal-diverse": "saal.strategies.saal_diverse:SAALDiverse",
+    "det-entropy": "saal.strategies.detection_uncertainty:DetectionEntropy",
+    "det-least-confidence": "saal.strategies.detection_uncertainty:DetectionLeastConfidence",
+    "det-margin": "saal.strategies.detection_uncertainty:DetectionMargin",
+    "det-coreset": "saal.strategies.detection_coreset:DetectionCoreSet",
+    "det-loss": "saal.strategies.detection_saal:DetectionLoss",
+    "det-saal": "saal.strategies.detection_saal:DetectionSAAL",
+    "det-saal-reference": "saal.strategies.detection_saal:DetectionSAALReference",
 }
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
 

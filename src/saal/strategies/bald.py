@@ -125,8 +125,9 @@ class BALD(ScoreStrategy):
     module in train mode and everything else in eval mode (BatchNorm keeps its running
     statistics). The score is :func:`mutual_information` of the ``samples x batch x C``
     probabilities; the largest are chosen. Dropout masks come from torch's generator seeded
-    by ``rng`` (the global torch stream is left untouched), so the same generator gives the same
-    choice. Which masks fall on which item depends on ``batch_size`` too: a different batch size
+    by ``rng``, one stream per batch keyed by the batch's place in the scan (the global torch stream
+    is left untouched), so the same generator gives the same choice, in one process or sharded over
+    several. Which masks fall on which item depends on ``batch_size`` too: a different batch size
     gives a different (equally valid) Monte-Carlo estimate. Memory: ``samples x batch_size x C``.
 
     With ``reuse_prefix`` (the default), the layers that run before the first dropout are
@@ -164,8 +165,12 @@ class BALD(ScoreStrategy):
         for m in dropouts:
             m.train()  # the base class puts everything back afterwards
         device = model_device(model)
+        seed = derive_seed(rng)
 
         def batch_scores(batch: Batch) -> dict[str, torch.Tensor]:
+            # Each batch's masks come from its own stream, seeded by the batch's place in the scan: the
+            # same scores whether one process scans every batch or several ranks share them.
+            torch.manual_seed((seed * 1_000_003 + batch.position) % (2**63 - 1))
             x = batch.inputs.to(device)
             if self.reuse_prefix:
                 cache = PrefixCache(model, dropouts)
@@ -177,7 +182,7 @@ class BALD(ScoreStrategy):
             probs = torch.stack([torch.softmax(z.double(), dim=1) for z in logits])
             return {"score": mutual_information(probs)}
 
-        with forked_torch_rng(device, derive_seed(rng)), torch.no_grad():
+        with forked_torch_rng(device, seed), torch.no_grad():
             out = scan(pool.dataset, candidates, batch_scores, batch_size=self.batch_size, collate=pool.task.collate)
         return out["score"].cpu().numpy()
 

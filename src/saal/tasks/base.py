@@ -26,11 +26,13 @@ class Metric:
         name: what it is (``accuracy``, ``map``); the column the results store it under.
         value: the score, in [0, 1].
         per_class: the score of each class by class name, where the metric has one.
+        details: further scores of the same evaluation by name (detection: ``map``, mAP@[.5:.95]).
     """
 
     name: str
     value: float
     per_class: dict[str, float] = field(default_factory=dict)
+    details: dict[str, float] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -81,6 +83,17 @@ class Task(ABC):
     @abstractmethod
     def output_losses(self, outputs: Any, targets: Any) -> torch.Tensor:
         """Return the loss of each item, ``(batch,)``, from the outputs of :meth:`forward`."""
+
+    def training_losses(self, model: nn.Module, inputs: Any, targets: Any) -> tuple[Any, torch.Tensor]:
+        """Return ``(outputs, per-item losses)`` of one training step, the model in train mode (default:
+        :meth:`forward`, then :meth:`output_losses`; a detector computes its losses from inputs and targets)."""
+        outputs = self.forward(model, inputs)
+        return outputs, self.output_losses(outputs, targets)
+
+    def label_summary(self, labels: Any) -> dict[str, float]:
+        """Return counts a round records about the labels given so far (detection: boxes); default none."""
+        del labels
+        return {}
 
     def item_losses(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         """Return the loss of each item, ``(batch,)``, in the mode the task's loss needs."""
