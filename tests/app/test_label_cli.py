@@ -56,6 +56,7 @@ def test_help_says_everything(capsys):
         (("--classes", "cat,dog", "--strategy", "sharpest"), "unknown strategy 'sharpest'"),
         (("--classes", "cat,dog", "--retrain-every", "0"), "--retrain-every must be at least 1"),
         (("--classes", "cat,dog", "--db", "nonsense://"), "--db"),
+        (("--classes", "cat,dog", "--import", "no-such-labels.csv"), "does not exist; give a CSV"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(capsys, image_folder, args, message):

@@ -207,6 +207,15 @@ def test_a_truncated_shard_file_is_one_line_and_nothing_written(
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_a_work_folder_that_cannot_be_created_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(_score_args(tmp_path / "s.csv", "--work-dir", str(blocker / "parts"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saal: error: cannot create work folder") and "\n" not in err
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_saal_run_acquires_over_two_ranks_exactly_as_one_process(tmp_path: Path) -> None:
     args = ["run", "--dataset", "digits", "--strategies", "entropy,coreset", "--seeds", "1", "--rounds", "2",
             "--epochs", "2", "--initial", "20", "--query", "5", "--quiet"]  # fmt: skip

@@ -138,6 +138,18 @@ def export(project: Project, out: str) -> str:
     return f"copied {n} labelled images into {path}/<class>/ (read it with saal run --dataset folder:{path})"
 
 
+def import_source(path: str) -> Path:
+    """Return the CSV file that ``--import`` names, checked before the project is created or opened.
+
+    Raises:
+        SaalError: the file does not exist.
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise SaalError(f"--import {source} does not exist; give a CSV with file and label columns")
+    return source
+
+
 def import_csv(project: Project, path: str, annotator: str = "import") -> str:
     """Add the labels of the CSV at ``path`` to the history (see the module docstring).
 
@@ -148,9 +160,7 @@ def import_csv(project: Project, path: str, annotator: str = "import") -> str:
         SaalError: a missing or unreadable file, missing columns, a file not in the project, a label that is not
             a class; nothing is added then.
     """
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise SaalError(f"--import {source} does not exist; give a CSV with file and label columns")
+    source = import_source(path)
     try:
         with open(source, newline="") as handle:
             reader = csv.DictReader(handle)

@@ -139,6 +139,10 @@ def run_label(args: argparse.Namespace) -> int:
     from saal.app.project import STATE_DIR, ServerLock, open_project, parse_classes
 
     classes = parse_classes(args.classes) if args.classes is not None else None
+    if args.import_csv is not None:
+        from saal.app.exchange import import_source
+
+        import_source(args.import_csv)  # a missing file must not leave a new project behind
     state_dir = Path(args.folder).expanduser().resolve() / STATE_DIR
     serving = args.export is None and args.import_csv is None
     lock = ServerLock(state_dir)

@@ -114,6 +114,13 @@ class ScoringJob:
         """
         if work_dir is not None and Path(work_dir).exists() and not Path(work_dir).is_dir():
             raise SaalError(f"work folder {work_dir} is a file; give a folder for the finished pieces")
+        if work_dir is not None:
+            try:
+                Path(work_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise SaalError(
+                    f"cannot create work folder {work_dir} ({error.strerror}); give a folder you can write to"
+                ) from None
         fingerprint = hashlib.sha1(
             json.dumps({"settings": self.settings, "model": model_fingerprint(model)}, sort_keys=True).encode()
         ).hexdigest()
