@@ -57,6 +57,7 @@ def _dense_top_eigenvalue(
     return float(torch.linalg.eigvalsh(h)[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perturbation", ["sam", "asam"])
 def test_power_iteration_finds_the_largest_hessian_eigenvalue(perturbation: str) -> None:
     model, x = _tiny()

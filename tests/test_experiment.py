@@ -29,7 +29,12 @@ def test_two_round_run_on_digits(digits, tmp_path: Path) -> None:
     for name in ("config.json", "rounds.csv", "rounds.json", "checkpoint.pt", "model.pt"):
         assert (tmp_path / "r" / name).is_file()
     header = (tmp_path / "r" / "rounds.csv").read_text().splitlines()[0]
-    assert header == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen"
+    assert header == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason"
+    assert [r.acquired_by for r in results] == ["entropy", "entropy", ""]
+    labelled = run.pool.labelled_indices()
+    start = labelled[run.pool.round_labelled(labelled) == 0].tolist()
+    assert results[0].start == {"by": "ground truth, class-balanced", "reason": "drawn with the true labels",
+                                "chosen": start}  # fmt: skip
 
 
 def test_same_seed_same_indices_and_accuracies(digits) -> None:
@@ -50,6 +55,7 @@ def test_strategies_with_the_same_seed_share_initial_set_and_weights(digits) -> 
                           b.pool.round_labelled(a.pool.labelled_indices()) == 0)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_accuracy_rises_with_labels(digits, tmp_path: Path) -> None:
     spec = ExperimentSpec(
         run=RunConfig(initial=20, query=40, rounds=3, train=TrainConfig(epochs=30, batch_size=16)),

@@ -33,6 +33,7 @@ def test_a_held_folder_is_refused_until_released(tmp_path: Path) -> None:
         assert again is True
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

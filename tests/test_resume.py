@@ -94,6 +94,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     return config, out
 
 
+@pytest.mark.slow
 def test_killed_twice_then_resumed_equals_uninterrupted(uninterrupted: tuple[Path, Path], tmp_path: Path) -> None:
     config, reference = uninterrupted
     out = tmp_path / "killed"
@@ -117,6 +118,7 @@ def test_killed_twice_then_resumed_equals_uninterrupted(uninterrupted: tuple[Pat
     assert json.loads((out / "results.json").read_text())[-1]["chosen"] == []
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(uninterrupted: tuple[Path, Path]) -> None:
     config, out = uninterrupted
     before = snapshot(out / "entropy")
@@ -127,6 +129,7 @@ def test_finished_runs_are_skipped(uninterrupted: tuple[Path, Path]) -> None:
     assert snapshot(out / "entropy") == before  # no file rewritten, not even touched
 
 
+@pytest.mark.slow
 def test_out_folder_with_different_settings_is_refused_untouched(uninterrupted: tuple[Path, Path]) -> None:
     config, out = uninterrupted
     before = snapshot(out)
@@ -220,9 +223,12 @@ def test_a_grid_resumed_in_process_equals_one_run_straight(digits, tmp_path: Pat
     ]
 
 
-# VAAL's adversarial training is cut short: the test is about its state, not its quality.
+# VAAL's adversarial training is cut short: the test is about its state, not its quality (still slow).
 STRATEGIES = [
-    *(("vaal[steps=10]" if s == "vaal" else s) for s in strategies_for("classification")),
+    *(
+        pytest.param("vaal[steps=10]", marks=pytest.mark.slow) if s == "vaal" else s
+        for s in strategies_for("classification")
+    ),
     "saal[score=diff]",
     "saal[scope=last-layer]",
 ]
@@ -232,10 +238,7 @@ STRATEGIES = [
 def test_every_strategy_resumes_exactly(digits, tmp_path: Path, strategy: str) -> None:
     """The strategy's own state (e.g. a loss-prediction module or a VAE) survives the checkpoint."""
     cfg = tiny(train=TrainConfig(epochs=2, batch_size=16))
-    try:
-        reference = ActiveLearningRun(cfg, strategy, 3, bundle=digits).run()
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"{strategy} is not written yet: {exc}")
+    reference = ActiveLearningRun(cfg, strategy, 3, bundle=digits).run()
     folder = tmp_path / "run"
     with pytest.raises(Interrupt):
         ActiveLearningRun(cfg, strategy, 3, folder, bundle=digits).run(progress=interrupted_after(1))
@@ -244,6 +247,7 @@ def test_every_strategy_resumes_exactly(digits, tmp_path: Path, strategy: str) -
     assert rows_of(resumed) == rows_of(reference)
 
 
+@pytest.mark.slow
 def test_two_commands_side_by_side_split_the_grid(uninterrupted: tuple[Path, Path], tmp_path: Path) -> None:
     config, reference = uninterrupted
     out = tmp_path / "shared"

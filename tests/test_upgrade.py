@@ -44,6 +44,7 @@ def compared(rows: list[dict]) -> list[dict]:
     return [{k: r[k] for k in COMPARED} for r in rows]
 
 
+@pytest.mark.slow
 def test_report_of_0_1_0_folders_is_byte_identical(fixture_copy: Path) -> None:
     shutil.rmtree(fixture_copy / "report")
     assert main(["report", "digits", "images-run", "--out", "report"]) == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,42 +132,10 @@ def top_hessian_eigenvalues(
         if not params or count == 0:
             return torch.zeros(count)
         scale = {n: p.abs() for n, p in params.items()} if asam else None
-        call = functional_forward(task, model)
-
-        def loss_fn(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
-            return task.output_losses(call(p, as_batch_of_one(xi)), as_batch_of_one(yi)).sum()
-
-        def hvp(p: dict[str, torch.Tensor], xi: Any, yi: Any, v: dict[str, torch.Tensor]) -> Any:
-            # H v as the vector-Jacobian product of the gradient (H is symmetric): reverse over reverse.
-            pullback = vjp(lambda q: grad(loss_fn)(q, xi, yi), p)[1]
-            return pullback(v)[0]
-
-        batched = vmap(hvp, in_dims=(None, 0, 0, 0))
+        batched = _batched_hvp(task, model)
 
         def power(xc: Any, yc: Any, shift: torch.Tensor | None) -> torch.Tensor:
-            """Dominant eigenvalue of (M - shift I) per instance, M = H or T H T."""
-            m = batch_len(xc)
-            v = _normalised(
-                {
-                    n: torch.randn((m, *p.shape), generator=generator, dtype=p.dtype).to(p.device)
-                    for n, p in params.items()
-                }
-            )
-            lam = torch.zeros(m, dtype=next(iter(params.values())).dtype)
-            for step in range(iters):
-                w = {n: v[n] * scale[n] for n in v} if scale is not None else v
-                hv = batched(params, xc, yc, w)
-                if scale is not None:
-                    hv = {n: hv[n] * scale[n] for n in hv}
-                if shift is not None:
-                    hv = {n: hv[n] - _column(shift, hv[n]) * v[n] for n in hv}
-                new = tensor_sum(_rows(v[n] * hv[n]) for n in v)
-                v = _normalised(hv)
-                done = step > 0 and bool(((new - lam).abs() <= tol * new.abs() + 1e-12).all())
-                lam = new.detach()
-                if done:
-                    break
-            return lam
+            return _power_iteration(batched, params, scale, xc, yc, shift, iters=iters, tol=tol, generator=generator)
 
         size = sum(p.numel() for p in params.values())
         chunk = max(1, _VECTOR_FLOATS // size)
@@ -182,6 +151,58 @@ def top_hessian_eigenvalues(
                 lam[negative] = shift + power(take(xc, negative), take(yc, negative), shift)
             out.append(lam)
         return torch.cat(out)
+
+
+def _batched_hvp(task: Task, model: nn.Module) -> Callable[..., Any]:
+    """Return ``f(params, xs, ys, vs)``: for every item ``i`` of a batch, ``H_i v_i``, the Hessian of its loss
+    (the task's, under target ``ys[i]``) at ``params`` times its own vector ``v_i`` (``torch.func``)."""
+    call = functional_forward(task, model)
+
+    def loss_fn(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
+        return task.output_losses(call(p, as_batch_of_one(xi)), as_batch_of_one(yi)).sum()
+
+    def hvp(p: dict[str, torch.Tensor], xi: Any, yi: Any, v: dict[str, torch.Tensor]) -> Any:
+        # H v as the vector-Jacobian product of the gradient (H is symmetric): reverse over reverse.
+        pullback = vjp(lambda q: grad(loss_fn)(q, xi, yi), p)[1]
+        return pullback(v)[0]
+
+    return vmap(hvp, in_dims=(None, 0, 0, 0))
+
+
+def _power_iteration(
+    batched: Callable[..., Any],
+    params: dict[str, torch.Tensor],
+    scale: dict[str, torch.Tensor] | None,
+    xc: Any,
+    yc: Any,
+    shift: torch.Tensor | None,
+    *,
+    iters: int,
+    tol: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Return the dominant eigenvalue of ``M - shift I`` per item of ``xc`` (``M = H``, or ``T H T`` with
+    ``T = scale``), by at most ``iters`` power-iteration steps from seeded random vectors (fewer once every
+    Rayleigh quotient moved by less than ``tol`` relative); ``batched`` is :func:`_batched_hvp`'s product."""
+    m = batch_len(xc)
+    v = _normalised(
+        {n: torch.randn((m, *p.shape), generator=generator, dtype=p.dtype).to(p.device) for n, p in params.items()}
+    )
+    lam = torch.zeros(m, dtype=next(iter(params.values())).dtype)
+    for step in range(iters):
+        w = {n: v[n] * scale[n] for n in v} if scale is not None else v
+        hv = batched(params, xc, yc, w)
+        if scale is not None:
+            hv = {n: hv[n] * scale[n] for n in hv}
+        if shift is not None:
+            hv = {n: hv[n] - _column(shift, hv[n]) * v[n] for n in hv}
+        new = tensor_sum(_rows(v[n] * hv[n]) for n in v)
+        v = _normalised(hv)
+        done = step > 0 and bool(((new - lam).abs() <= tol * new.abs() + 1e-12).all())
+        lam = new.detach()
+        if done:
+            break
+    return lam
 
 
 def _column(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

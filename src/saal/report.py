@@ -21,6 +21,13 @@ reported in %):
 
 AUC, final and best are computed over finished runs only; the metric at a budget and the seconds
 use every round that exists.
+
+How runs started: where a report holds a group whose initial labels were chosen without the ground truth
+(``initial_strategy``, ``initial: 0`` or a uniform draw), every group says how it started: a **ground-truth
+balanced start** (the initial set drawn class-balanced with the true labels: the paper's protocol, which a
+person labelling their own data cannot do) or chosen without labels; a report of ground-truth starts only is
+written as before. For every ``auto`` run, one line says which strategy ``auto`` used at which budgets (from
+``rounds.json``'s ``acquired_by`` and ``reason``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from saal.experiment.storage import (
     RESUME_IGNORED,
     RUN_KEYS,
     metric_of_config,
+    records_acquisition,
     setting_defaults,
     with_defaults,
 )
@@ -406,14 +414,78 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         opt_text += f", weight decay {t.get('weight_decay')}"
     start = "re-initialised to the same initial weights each round" if protocol.get("reinit") else "warm-started"
     balanced = "class-balanced" if protocol.get("initial_balanced") else "uniform"
+    initial = f"initial {protocol.get('initial')} labels ({balanced})"
+    if protocol.get("initial_strategy") or protocol.get("initial") == 0:
+        initial = f"initial {protocol.get('initial')} labels (chosen without labels)"
     subset = protocol.get("subset")
     return (
         f"dataset `{protocol.get('dataset')}`; model `{protocol.get('model')}`; optimizer {opt_text}, {start}; "
         f"{t.get('epochs')} epochs, batch {t.get('batch_size')}, augmentation {'on' if t.get('augment') else 'off'}; "
-        f"initial {protocol.get('initial')} labels ({balanced}), query {protocol.get('query')} per round, "
+        f"{initial}, query {protocol.get('query')} per round, "
         f"{protocol.get('rounds')} round{'' if protocol.get('rounds') == 1 else 's'}; "
         f"{'pool subset ' + str(subset) + ' per round' if subset else 'whole pool scored'}."
     )
+
+
+def ground_truth_start(protocol: dict[str, Any], metric: str = DEFAULT_METRIC) -> bool:
+    """Return whether runs of ``protocol`` started from an initial set drawn class-balanced with the true labels
+    (``initial > 0``, no ``initial_strategy``, ``initial_balanced``, a classification metric)."""
+    return (
+        int(protocol.get("initial") or 0) > 0
+        and not protocol.get("initial_strategy")
+        and bool(protocol.get("initial_balanced"))
+        and metric == DEFAULT_METRIC
+    )
+
+
+def describe_start(protocol: dict[str, Any], metric: str = DEFAULT_METRIC) -> str:
+    """Return one markdown line saying how runs of ``protocol`` got their first labels."""
+    initial, by = int(protocol.get("initial") or 0), protocol.get("initial_strategy")
+    if ground_truth_start(protocol, metric):
+        return (
+            f"Start: **ground-truth balanced start**: the initial {initial} labels were drawn class-balanced with "
+            "the true labels (the paper's protocol; a person labelling their own data cannot do this)."
+        )
+    if initial == 0:
+        first = f"`{by}`" if by else "each run's own strategy when it is cold-start, else `random`"
+        return f"Start: chosen without labels: no initial labels; the first pick by {first} (see `acquired_by`)."
+    if by:
+        return f"Start: chosen without labels: the initial {initial} labels were picked by `{by}` from zero labels."
+    return f"Start: chosen without labels: the initial {initial} labels were drawn uniformly at random."
+
+
+def used_by(row: dict[str, Any]) -> str:
+    """Return the strategy that made a round's acquisition: ``acquired_by``, or for ``auto`` the strategy its
+    ``reason`` names first ("" when the round records none)."""
+    by = str(row.get("acquired_by") or "")
+    reason = str(row.get("reason") or "")
+    if re.match(r"^\s*auto\b", by) and ":" in reason:
+        return reason.split(":", 1)[0].strip()
+    return by
+
+
+def auto_lines(group: Group) -> list[str]:
+    """Return markdown: per ``auto`` run of ``group``, which strategy it used at which budgets (none without
+    ``auto`` runs that record it)."""
+    lines: list[str] = []
+    for run in sorted(group.runs, key=lambda r: (r.strategy, r.seed)):
+        if not re.match(r"^\s*auto\b", run.strategy):
+            continue
+        spans: list[list[Any]] = []  # [strategy, first budget, last budget]
+        for row in run.rows:
+            used = used_by(row)
+            if not used:
+                continue
+            if spans and spans[-1][0] == used:
+                spans[-1][2] = int(row["labelled"])
+            else:
+                spans.append([used, int(row["labelled"]), int(row["labelled"])])
+        if spans:
+            text = ", ".join(f"`{u}` at {a}{'' if a == b else f'-{b}'} labels" for u, a, b in spans)
+            lines.append(f"- `{run.strategy}` seed {run.seed}: {text}")
+    if not lines:
+        return []
+    return [f"### What auto chose ({group.name})", "", *lines, ""]
 
 
 def _slug(text: str) -> str:
@@ -630,6 +702,8 @@ def build_report(
     run_rows: list[dict[str, Any]] = []
     comparison_rows: list[dict[str, Any]] = []
     used_png: set[str] = set()
+    mark_starts = any(not ground_truth_start(g.protocol, g.metric) for g in groups)
+    acquisitions = records_acquisition(r for g in groups for run in g.runs for r in run.rows)
     for group in groups:
         cols = sorted(set(budgets)) if budgets else budget_points(group)
         summary = strategy_summary(group, cols)
@@ -639,26 +713,13 @@ def build_report(
             png = png.replace(".png", "_.png")
         used_png.add(png)
         plot_curves(group, out_dir / png)
-        md += _markdown_group(group, cols, summary, matrix, png, paired_on, alpha)
-        t = group.protocol.get("train", {}) or {}
+        lines = _markdown_group(group, cols, summary, matrix, png, paired_on, alpha)
+        if mark_starts:
+            lines[4:4] = [describe_start(group.protocol, group.metric), ""]  # after the protocol line
+        md += lines + auto_lines(group)
         for run in group.runs:
             base = {"dataset": group.name, "strategy": run.strategy, "seed": run.seed}
-            for r in run.rows:
-                round_rows.append(
-                    {
-                        **base,
-                        "round": r["round"],
-                        "labelled": r["labelled"],
-                        group.metric: r[group.metric],
-                        "train_seconds": r.get("train_seconds"),
-                        "acquire_seconds": r.get("acquire_seconds"),
-                        "chosen": " ".join(map(str, r.get("chosen", []))),
-                        "finished": run.finished,
-                        "model": group.protocol.get("model"),
-                        "optimizer": t.get("optimizer"),
-                        "run_folder": str(run.folder),
-                    }
-                )
+            round_rows += _round_rows(group, run, acquisitions)
             run_rows.append(
                 {
                     **base,
@@ -698,6 +759,34 @@ def build_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _round_rows(group: Group, run: RunRecord, acquisitions: bool) -> list[dict[str, Any]]:
+    """Return the report's ``rounds.csv`` rows of one run; ``acquired_by`` and ``reason`` when ``acquisitions``
+    (some run of the report records them; empty for the rounds that do not)."""
+    t = group.protocol.get("train", {}) or {}
+    rows = []
+    for r in run.rows:
+        extra = {"acquired_by": r.get("acquired_by", ""), "reason": r.get("reason", "")} if acquisitions else {}
+        rows.append(
+            {
+                "dataset": group.name,
+                "strategy": run.strategy,
+                "seed": run.seed,
+                "round": r["round"],
+                "labelled": r["labelled"],
+                group.metric: r[group.metric],
+                "train_seconds": r.get("train_seconds"),
+                "acquire_seconds": r.get("acquire_seconds"),
+                "chosen": " ".join(map(str, r.get("chosen", []))),
+                **extra,
+                "finished": run.finished,
+                "model": group.protocol.get("model"),
+                "optimizer": t.get("optimizer"),
+                "run_folder": str(run.folder),
+            }
+        )
+    return rows
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -107,8 +107,14 @@ class RunConfig(Settings):
     Attributes:
         dataset: a registry name, ``folder:PATH`` or ``npz:PATH``.
         model: a registry name.
-        initial: size of the initial labelled set.
-        initial_balanced: class-balanced (initial / classes per class) or uniform initial set.
+        initial: size of the initial labelled set; 0 starts from no labels (round 0 evaluates the untrained
+            model, and its acquisition is the first pick; see :func:`saal.experiment.loop.first_picker`).
+        initial_balanced: the initial set drawn with the true labels, class-balanced (initial / classes per
+            class; the paper's protocol), or uniform. Only when ``initial_strategy`` is None.
+        initial_strategy: a cold-start strategy spec (``random``, ``typiclust``, ...; one whose ``cold_start``
+            is true) that picks from zero labels, without the ground truth: with ``initial > 0`` it chooses the
+            initial set (the untrained model is passed); with ``initial = 0`` it makes round 0's acquisition
+            (None: the run's own strategy when it is cold-start, else ``random``).
         query: items acquired per round.
         rounds: acquisition rounds; the run records rounds + 1 accuracies (0: train on the initial
             set and evaluate, acquire nothing).
@@ -126,8 +132,9 @@ class RunConfig(Settings):
 
     dataset: DatasetName = "digits"
     model: ModelName = "mlp"
-    initial: int = Field(default=20, ge=1)
+    initial: int = Field(default=20, ge=0)
     initial_balanced: bool = True
+    initial_strategy: str | None = None
     query: int = Field(default=20, ge=1)
     rounds: int = Field(default=5, ge=0)
     reinit: bool = True
@@ -138,6 +145,35 @@ class RunConfig(Settings):
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     model_options: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=_default_train)
+
+    @field_validator("initial_strategy")
+    @classmethod
+    def _cold_start_strategy(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_cold_start_spec(value)
+        return value
+
+
+def check_cold_start_spec(spec: str) -> str:
+    """Return ``spec`` if it names a registered strategy that can choose from zero labels (``cold_start``).
+
+    Raises:
+        ValueError: a malformed spec, an unknown name, or a strategy that needs a trained model (one line naming
+            the cold-start strategies).
+    """
+    from saal.strategies import parse_spec, strategy_class, strategy_names
+
+    try:
+        name, _ = parse_spec(spec)
+    except SaalError as exc:
+        raise ValueError(str(exc)) from None
+    names = strategy_names()
+    if name in names and strategy_class(name).cold_start:
+        return spec
+    cold = ", ".join(n for n in names if strategy_class(n).cold_start)
+    if name not in names:
+        raise ValueError(f"unknown strategy {name!r}; a cold-start strategy is one of {cold}")
+    raise ValueError(f"{name!r} cannot choose from zero labels (it needs a trained model); choose one of {cold}")
 
 
 def _default_run() -> RunConfig:
@@ -198,4 +234,4 @@ class ExperimentSpec(Settings):
         return {"run": data.pop("run"), **data}
 
 
-__all__ = ["OPTIMIZERS", "ExperimentSpec", "RunConfig", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "ExperimentSpec", "RunConfig", "TrainConfig", "check_cold_start_spec"]

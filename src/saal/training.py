@@ -134,11 +134,12 @@ def _resident_batches(
 @dataclass
 class FitResult:
     """What one call of :func:`fit` did: seconds spent, the last epoch's mean loss, and the
-    optimiser's final state (to continue with when warm-starting)."""
+    optimiser's final state (to continue with when warm-starting; on zero labelled items, where nothing is
+    trained, the state :func:`fit` was given, None if none)."""
 
     seconds: float
     final_loss: float
-    optimizer_state: dict
+    optimizer_state: dict | None
 
 
 def fit(
@@ -166,10 +167,16 @@ def fit(
             batch by batch every epoch). Either way the batches, and so the training, are the same; the loss
             is summed on the device and read back once, at the end.
 
+    Zero labelled items (a run that starts from no labels) train nothing: the model is left as it is (in eval
+    mode), the hook is not started, and the result has a nan loss and the ``optimizer_state`` given.
+
     Returns:
         A :class:`FitResult`.
     """
     start = time.perf_counter()
+    if len(indices) == 0:
+        model.eval()
+        return FitResult(time.perf_counter() - start, float("nan"), optimizer_state)
     task = task if task is not None else Classification(1)  # cross-entropy needs no class count
     device = model_device(model)
     extra = hook.start(model, config.epochs) if hook is not None else []
@@ -201,24 +208,8 @@ def fit(
             if config.augment and kept is None:  # resident batches come augmented
                 x = augment_batch(x, generator)
             x, y = task.to_device(x, device), task.to_device(y, device)
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y, epoch: int = epoch) -> torch.Tensor:
-                logits, per_sample = task.training_losses(model, x, y)
-                loss = per_sample.mean()
-                if hook is not None:
-                    extra_loss = hook.loss(model, x, y, logits, per_sample, epoch)
-                    if extra_loss is not None:
-                        loss = loss + extra_loss
-                loss.backward()
-                return loss
-
-            optimizer.zero_grad()
-            if isinstance(optimizer, SAM):
-                loss = optimizer.step(closure)
-            else:
-                loss = closure()
-                optimizer.step()
-            total += loss.detach().double() * len(y)  # on the device: no host synchronisation per step
+            loss = _train_step(model, optimizer, task, hook, x, y, epoch)
+            total += loss.double() * len(y)  # on the device: no host synchronisation per step
             count += len(y)
         epoch_total = total
     epoch_loss = float(epoch_total) / max(count, 1) if epoch_total is not None else float("nan")
@@ -226,6 +217,41 @@ def fit(
         hook.end(model)
     model.eval()
     return FitResult(time.perf_counter() - start, epoch_loss, optimizer.state_dict())
+
+
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    hook: TrainingHook | None,
+    x: Any,
+    y: Any,
+    epoch: int,
+) -> torch.Tensor:
+    """Take one optimiser step on the batch ``(x, y)``: the mean per-item loss plus the hook's (SAM: its two
+    passes).
+
+    Returns:
+        The step's loss (for SAM the unperturbed one), detached, on the device.
+    """
+
+    def closure() -> torch.Tensor:
+        logits, per_sample = task.training_losses(model, x, y)
+        loss = per_sample.mean()
+        if hook is not None:
+            extra_loss = hook.loss(model, x, y, logits, per_sample, epoch)
+            if extra_loss is not None:
+                loss = loss + extra_loss
+        loss.backward()
+        return loss
+
+    optimizer.zero_grad()
+    if isinstance(optimizer, SAM):
+        loss = optimizer.step(closure)
+    else:
+        loss = closure()
+        optimizer.step()
+    return loss.detach()
 
 
 EVALUATION_ELEMENTS = 2048 * 3 * 32 * 32

@@ -94,12 +94,28 @@ def test_an_update_commits_a_new_version_ranking_and_then_measures_it(project):
     assert measured.quality == second.quality and measured.quality_n == 6
 
 
-@pytest.mark.parametrize("spec", ["coreset", "random", "badge", "saal[scope=last-layer]"])
+@pytest.mark.parametrize("spec", ["coreset", "random", "badge", "saal[scope=last-layer]", "typiclust", "auto"])
 def test_every_kind_of_strategy_orders_every_candidate(project, spec, monkeypatch):
     monkeypatch.setattr(ranking, "MAX_NON_TOPK", 5)  # non-top-k strategies choose 5, the rest follow
     label_truth(project, 6)
     snap = ranking.take_snapshot(project.engine, project.classes)
     x = torch.randn(snap.size, 12)
     model = ranking.make_model("pretrained", (12,), 2, 0)
-    order = ranking.order_candidates(spec, model, x, snap, 2, 0)
-    assert sorted(order.tolist()) == snap.candidates.tolist()
+    order = ranking.order_candidates(spec, model, x, snap, 2, 0).order
+    assert sorted(order.tolist()) == snap.main.tolist()  # every candidate but the check images
+    assert not set(order.tolist()) & set(snap.audit.tolist()) and len(snap.audit)
+
+
+@pytest.mark.parametrize("spec", ["auto", "typiclust"])
+def test_on_pixels_a_cold_start_part_reads_the_pixels_themselves(project, spec):
+    """With the small CNN (no pretrained backbone) typicality works on the pixels (embedding=input)."""
+    cache, items = cached_rows(project)
+    rows, _ = cache.ensure(items, len(items))
+    label_truth(project, 8)
+    snap = ranking.take_snapshot(project.engine, project.classes)
+    x = ranking.as_inputs("cnn", rows)
+    model = ranking.make_model("cnn", (16, 16, 3), 2, 0)
+    ordered = ranking.order_candidates(spec, model, x, snap, 2, 0, kind="cnn")
+    assert sorted(ordered.order.tolist()) == snap.main.tolist()
+    if spec == "auto":
+        assert ordered.reason and ordered.state is not None

@@ -30,6 +30,7 @@ def authed(server, name):
     return server.client(name)
 
 
+@pytest.mark.slow
 def test_hundreds_of_labels_from_several_threads_are_all_recorded_once(busy):
     threads, per_thread = 4, 60
     confirmed: dict[str, int] = {}
@@ -82,6 +83,7 @@ def raw_get(server, path: str, host: str | None = None, headers: dict | None = N
     return response.status, response.read()
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_listed_and_never_offered(busy):
     with closing(authed(busy, "lister")) as client:
         assert client.get("/api/status").json()["unreadable"] == 1
@@ -97,6 +99,7 @@ def test_unreadable_images_are_listed_and_never_offered(busy):
         )
 
 
+@pytest.mark.slow
 def test_images_are_served_only_from_inside_the_project(busy):
     assert raw_get(busy, "/image/img001.png")[0] == 200
     (busy.folder.parent / "outside.png").write_bytes((busy.folder / "img001.png").read_bytes())
@@ -116,6 +119,7 @@ def test_images_are_served_only_from_inside_the_project(busy):
         assert b"PNG" not in body and b"root:" not in body
 
 
+@pytest.mark.slow
 def test_every_request_needs_the_token_and_forged_posts_are_refused(busy):
     with closing(busy.client()) as anonymous:
         anonymous.headers.pop("authorization")
@@ -154,6 +158,7 @@ def test_only_loopback_addresses_go_without_a_token():
     assert host_allowed("127.0.0.1:8765") and host_allowed("[::1]:80") and not host_allowed("evil.example:8765")
 
 
+@pytest.mark.slow
 def test_a_second_server_on_the_same_project_is_one_line(busy, capsys):
     from saal.cli import main
 
@@ -165,10 +170,31 @@ def test_a_second_server_on_the_same_project_is_one_line(busy, capsys):
     assert (busy.folder / ".saal-label" / "project.json").read_text() == before  # nothing written
 
 
-def test_a_server_killed_with_sigkill_restarts_with_every_confirmed_label(busy, app_helpers):
-    """Runs last in this module: it kills the shared server in the middle of a stream of labels."""
+@pytest.fixture
+def doomed(tmp_path, app_helpers):
+    """A server of its own (with a token, without the model job) on 150 small images, for a test that kills it;
+    5 labels are already recorded."""
+    folder = tmp_path / "photos"
+    app_helpers.make_images(folder, 150, size=16)
+    server = app_helpers.start_server(folder, "--classes", "red,blue", "--no-model", "--token", TOKEN)
+    try:
+        with closing(server.client("first")) as client:
+            for i in range(5):
+                got = client.get("/api/next").json()
+                body = {"item_id": got["item"]["id"], "label": "blue", "request_id": f"first-{i}"}
+                assert client.post("/api/label", json=body, headers={"x-csrf-token": got["csrf"]}).status_code == 200
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+def test_a_server_killed_with_sigkill_restarts_with_every_confirmed_label(doomed, app_helpers):
+    """Kills its own server (not the module's shared one) in the middle of a stream of labels."""
+    busy = doomed
     with busy.db() as conn:
         already = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert already == 5
     confirmed: dict[str, int] = {}
     stop = threading.Event()
 

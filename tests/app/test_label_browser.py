@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from saal.app import default_strategy
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)"
@@ -75,6 +77,7 @@ def queue(served) -> list[int]:
         return [r[0] for r in conn.execute("SELECT id FROM items WHERE state = 0 ORDER BY priority DESC, id")]
 
 
+@pytest.mark.slow
 def test_label_skip_undo_two_annotators_retrain_and_export(served, browser, tmp_path):
     ana = sign_in(browser, served, "ana")
     first = shown(ana)
@@ -98,7 +101,7 @@ def test_label_skip_undo_two_annotators_retrain_and_export(served, browser, tmp_
     for page in (ana, bo, ana, bo):
         press(page, KEY[served.truth[shown(page)]])
     status = served.wait(lambda s: s["version"] >= 1, what="the first model version")
-    assert status["model"]["labels"] >= 4 and status["model"]["kind"] == "saal"
+    assert status["model"]["labels"] >= 4 and status["model"]["kind"] == default_strategy()
     after = queue(served)
     assert set(after) <= set(before) and after != [i for i in before if i in set(after)]  # reordered
     ana.reload()
@@ -110,7 +113,9 @@ def test_label_skip_undo_two_annotators_retrain_and_export(served, browser, tmp_
     status = served.wait(lambda s: s["quality"] is not None, what="a measured quality")
     assert status["quality"]["version"] == 1 and status["quality"]["n"] >= 4
     ana.reload()
-    assert "Accuracy of version 1" in ana.inner_text("#quality")
+    assert "the strategy chose after it" in ana.inner_text("#quality")  # labelled as what it is
+    assert "version 1 was right on" in ana.inner_text("#quality")
+    assert "Version 1: " in ana.inner_text("#audit")  # the honest figure: random check images
 
     ana.goto(served.url.split("?")[0] + "labelled?label=red")
     count = ana.inner_text("#count")
@@ -148,6 +153,7 @@ def test_label_skip_undo_two_annotators_retrain_and_export(served, browser, tmp_
         shutil.copy(tmp_path / "label-page.png", os.environ["SAAL_LABEL_SCREENSHOT"])
 
 
+@pytest.mark.slow
 def test_a_crashed_model_job_is_restarted_and_the_page_says_why(served, browser):
     status = served.wait(lambda s: s["job"]["state"] == "idle" and s["job"]["pid"], what="an idle model job")
     pid = int(status["job"]["pid"])

@@ -38,6 +38,7 @@ def toy_data(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_toy_suite_writes_every_part(suite: ModuleType, toy_data: Path, tmp_path: Path) -> None:
     out, runs = tmp_path / "out", tmp_path / "runs"
     code = suite.main(["--toy", "--device", "cpu", "--data", f"npz:{toy_data}", "--out", str(out), "--runs", str(runs),

@@ -132,6 +132,7 @@ def _parser_with(func: Callable) -> Callable:
     return build
 
 
+@pytest.mark.slow
 def test_python_dash_m_saal_is_the_entry_point() -> None:
     """The one test that starts a process: ``python -m saal`` exists and reports a mistake as one line, exit 2."""
     proc = subprocess.run(

@@ -76,6 +76,7 @@ def test_options_fill_in_what_a_config_leaves_out(saal: Callable, tmp_path: Path
     assert default_out_of(path) == str(Path("runs") / "p")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["paper-cifar10", "paper-cifar10-sam"])
 def test_paper_protocol_starts_and_runs_on_cpu(saal: Callable, variant: str, fmt: Any, tmp_path: Path) -> None:
     """The GPU protocol, shrunk only in rounds, epochs and pool subset, runs on CPU on torchvision's CIFAR-10 files."""
@@ -97,3 +98,57 @@ def test_paper_protocol_starts_and_runs_on_cpu(saal: Callable, variant: str, fmt
         assert [r["labelled"] for r in rounds] == [20, 30] and config["subset"] == 20
         assert len(set(rounds[0]["chosen"])) == 10 and all(0 <= i < 100 for i in rounds[0]["chosen"])
         assert 0.0 <= rounds[-1]["accuracy"] <= 1.0 and (folder / "model.pt").is_file()
+
+
+def test_cli_starts_from_zero_labels_with_a_chosen_first_picker(saal: Callable, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = saal("run", "--initial", "0", "--initial-strategy", "random", "--strategies", "margin", "--seeds", "1",
+                "--query", "5", "--rounds", "2", "--epochs", "1", "--out", str(out), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    folder = out / "margin" / "seed-0"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["initial"], config["initial_strategy"]) == (0, "random")
+    lines = (folder / "rounds.csv").read_text().splitlines()
+    assert lines[0] == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason"
+    rounds = json.loads((folder / "rounds.json").read_text())
+    assert [(r["labelled"], r["acquired_by"]) for r in rounds] == [(0, "random"), (5, "margin"), (10, "")]
+    assert rounds[0]["reason"] == "initial_strategy: the first pick, from zero labels"
+    assert "acquired_by" in (out / "results.csv").read_text().splitlines()[0]
+
+
+def test_a_config_file_names_the_initial_strategy(saal: Callable, tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("  query: 5\n", "  query: 5\n  initial: 10\n  initial_strategy: random\n"))
+    out = tmp_path / "out"
+    proc = saal("run", "--config", str(path), "--set", "run.rounds=1", "--set", "seeds=[0]", "--strategies", "random",
+                "--out", str(out), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rounds = json.loads((out / "random" / "seed-0" / "rounds.json").read_text())
+    assert rounds[0]["labelled"] == 10 and rounds[0]["start"]["by"] == "random"  # 10 labels, no class balance
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--initial", "0", "--initial-strategy", "margin"],
+         "--initial-strategy: 'margin' cannot choose from zero labels (it needs a trained model)"),
+        (["--initial-strategy", "oracle"], "--initial-strategy: unknown strategy 'oracle'"),
+        (["--initial-strategy", "random[bogus=1]"], "has no option 'bogus'"),
+        (["--initial", "-1"], "--initial: must be >= 0"),
+        (["--set", "run.initial_strategy=entropy"], "run.initial_strategy: 'entropy' cannot choose from zero labels"),
+        (["--initial", "20", "--initial-strategy", "random", "--subset", "10"], "larger than the pool subset 10"),
+    ],
+)  # fmt: skip
+def test_bad_cold_start_settings_are_one_line_and_write_nothing(
+    saal: Callable, tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    out = tmp_path / "out"
+    proc = saal("run", "--strategies", "random", "--seeds", "1", "--rounds", "1", "--epochs", "1", "--out",
+                str(out), "--quiet", *extra)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saal: error:") and needle in lines[0], proc.stderr
+    assert not out.exists()
+    path = write(tmp_path, "strategies: [random]\nseeds: [1]\nrun: {initial: 0, initial_strategy: margin}\n", "b.yaml")
+    proc = saal("run", "--config", str(path), "--out", str(out), "--quiet")
+    assert proc.returncode == 2 and "run.initial_strategy: 'margin' cannot choose" in proc.stderr
+    assert not out.exists()

@@ -76,6 +76,7 @@ _READ_ALL = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident size from /proc")
 def test_reading_every_item_of_a_pool_does_not_grow_memory(tmp_path: Path) -> None:
     """60,000 items (47 MB of pixels) read batch by batch: resident memory grows by far less than the file."""

@@ -29,6 +29,7 @@ RUN += [
 ]
 
 
+@pytest.mark.slow
 def test_runs_repeat_exactly_and_report_map(run_saal: Callable[..., Result], voc_root: Path, tmp_path: Path) -> None:
     strategies = "det-saal[score_threshold=0.05]"
     outs = [tmp_path / "a", tmp_path / "b"]
@@ -75,6 +76,7 @@ def test_a_corrupt_annotation_is_refused_before_anything_is_written(
     assert done.returncode == 2 and "is not valid XML" in done.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_score_writes_scores_pseudo_boxes_and_a_picture(
     run_saal: Callable[..., Result], voc_root: Path, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ import torch
 from detection_cases import SIDE, DrawnBox, voc_xml
 
 from saal.data import load_dataset
-from saal.detection.data import DetectionBundle
+from saal.data.detection import DetectionBundle
 from saal.errors import SaalError
 from saal.tasks.detection import Detection
 

@@ -31,6 +31,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("perturbation", ["asam", "sam"])
 def test_the_engine_equals_the_naive_definition_in_float64(images: list[torch.Tensor], perturbation: str) -> None:
     model = small_detector()
@@ -46,6 +47,7 @@ def test_the_engine_equals_the_naive_definition_in_float64(images: list[torch.Te
     assert FEATURE_CACHE.hits > 0  # the engine used cached backbone features; the naive copies did not
 
 
+@pytest.mark.slow
 def test_an_unfrozen_backbone_is_perturbed_too_and_still_equals_the_definition(images: list[torch.Tensor]) -> None:
     model = small_detector(frozen=False)
     terms = detection_terms(model, images[:1], score_threshold=0.05)
@@ -79,6 +81,7 @@ def test_an_image_with_no_confident_detection_scores_a_finite_loss(images: list[
         assert np.isfinite(t.loss) and np.isfinite(t.perturbed_loss) and t.perturbed_loss >= t.loss
 
 
+@pytest.mark.slow
 def test_faster_rcnn_scores_never_depend_on_luck_and_equal_the_definition(images: list[torch.Tensor]) -> None:
     torch.manual_seed(0)
     model = build_detector("fasterrcnn-mobilenet-v3-320", 2, min_size=64, max_size=96).eval()  # float32: speed

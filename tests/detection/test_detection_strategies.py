@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from saal.data import load_dataset
-from saal.detection.data import DetectionBundle
+from saal.data.detection import DetectionBundle
 from saal.errors import SaalError
 from saal.models.detectors import build_detector, detections_with_class_scores
 from saal.pool import Pool
-from saal.strategies import build_strategy, strategies_for
+from saal.strategies import build_strategy, strategies_for, strategy_options
 
 DETECTION_STRATEGIES = [
     "random",
@@ -63,7 +63,28 @@ def test_det_loss_is_saal_without_the_perturbation(setup: tuple[DetectionBundle,
     loss = build_strategy("det-loss[score_threshold=0.05]").select(model, fresh_pool(bundle), 2, 0)
     assert saal.last_terms is not None  # type: ignore[attr-defined]
     assert np.array_equal(loss.scores, saal.last_terms.loss)  # type: ignore[attr-defined]
+    pseudo = saal.last_terms.pseudo_label  # type: ignore[attr-defined]
+    assert len(pseudo) == 10 and all(set(p) == {"boxes", "labels"} for p in pseudo)  # each image's pseudo boxes
     assert np.all(chosen.scores > loss.scores)
+
+
+def test_the_detection_variants_keep_their_options_defaults_and_repr() -> None:
+    opts = strategy_options("det-saal-reference")
+    assert (opts["selection"], opts["subset"], opts["batch_size"], opts["score_threshold"]) == (
+        "kmeans++",
+        2000,
+        8,
+        None,
+    )
+    assert repr(build_strategy("det-saal-reference[score_threshold=0.3]")) == (
+        "DetectionSAALReference(rho=0.05, perturbation='asam', score='max', selection='kmeans++', "
+        "score_threshold=0.3, batch_size=8, subset=2000)"
+    )
+    assert repr(build_strategy("det-loss")) == (
+        "DetectionLoss(selection='top-k', score_threshold=None, batch_size=8, subset=None)"
+    )
+    with pytest.raises(SaalError, match="score must be one of max, diff"):
+        build_strategy("det-saal[score=loss]")
 
 
 def test_class_scores_come_with_the_detectors_own_detections(setup: tuple[DetectionBundle, nn.Module]) -> None:

@@ -126,3 +126,23 @@ def test_a_report_names_the_metric_its_runs_stored(tmp_path: Path) -> None:
     assert {float(r["final_map"]) for r in runs} == {0.4, 0.5} and "final_accuracy" not in runs[0]
     with open(tmp_path / "rep" / "rounds.csv") as fh:
         assert "map" in next(csv.reader(fh))
+
+
+def test_rows_record_who_acquired_and_why_and_older_rows_stay_as_they_were(tmp_path: Path) -> None:
+    new = RoundResult(0, 0, "accuracy", 0.1, 0.0, 0.2, [5, 6], acquired_by="auto", reason="typiclust: 0, then more",
+                      start={"by": "", "reason": "none", "chosen": []})  # fmt: skip
+    assert list(new.row())[6:9] == ["acquired_by", "reason", "start"]
+    assert RoundResult.from_row(new.row()) == new
+    last = RoundResult(1, 2, "accuracy", 0.3, 0.1, 0.0, [], acquired_by="", reason="")
+    assert RoundResult.from_row(last.row()) == last and last.row()["acquired_by"] == ""
+    old = {"round": 2, "labelled": 4, "accuracy": 0.4, "train_seconds": 0.1, "acquire_seconds": 0.0, "chosen": []}
+    assert "acquired_by" not in RoundResult.from_row(old).row()
+    assert rounds_csv([old]).splitlines()[0] == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen"
+    text = rounds_csv([new.row(), last.row(), old])
+    assert text.splitlines()[0].endswith(",chosen,acquired_by,reason")
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [(r["acquired_by"], r["reason"]) for r in rows] == [("auto", "typiclust: 0, then more"), ("", ""), ("", "")]
+    assert text.splitlines()[1] == '0,0,0.100000,0.000000,0.200000,5 6,auto,"typiclust: 0, then more"'
+    rows_grid = [{"strategy": "auto", "seed": 0, **new.row()}]
+    with open(write_summary(tmp_path, rows_grid)) as fh:
+        assert next(csv.reader(fh))[-2:] == ["acquired_by", "reason"]

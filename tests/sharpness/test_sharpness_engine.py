@@ -15,7 +15,14 @@ from torch import nn
 from saal.data.base import ArrayDataset
 from saal.errors import SaalError
 from saal.models import SmallCNN
-from saal.sharpness import naive_perturbed_losses, perturbed_losses, pool_sharpness, sharpness_terms
+from saal.sharpness import (
+    PoolSharpness,
+    ascent_step,
+    naive_perturbed_losses,
+    perturbed_losses,
+    pool_sharpness,
+    sharpness_terms,
+)
 
 
 @pytest.mark.parametrize("perturbation", ["asam", "sam"])
@@ -199,3 +206,30 @@ def test_pool_sharpness_streams_in_dataset_index_order() -> None:
     assert res.loss.dtype == np.float64 and res.pseudo_label.dtype == np.int64
     empty = pool_sharpness(model, data, np.array([], dtype=np.int64))
     assert empty.perturbed_loss.shape == (0,)
+
+
+@pytest.mark.parametrize("asam", [True, False])
+def test_the_one_ascent_step_per_item_is_the_step_of_each_item_alone(asam: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    grads = [
+        torch.randn(5, 3, 2, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    ]
+    eps, norm = ascent_step(params, grads, RHO, asam, per_item=True)
+    for i in range(5):
+        one, one_norm = ascent_step(params, [gr[i] for gr in grads], RHO, asam)
+        assert torch.equal(one_norm, norm[i]) and all(torch.equal(a, b[i]) for a, b in zip(one, eps, strict=True))
+    t = [p.abs() if asam else torch.ones_like(p) for p in params]
+    expected = torch.sqrt(sum(((ti * gr[0]) ** 2).sum() for ti, gr in zip(t, grads, strict=True)))
+    torch.testing.assert_close(norm[0], expected)
+    step_norm = torch.sqrt(sum(((e[0] / (ti * ti)) * ti).pow(2).sum() for e, ti in zip(eps, t, strict=True)))
+    torch.testing.assert_close(step_norm, torch.tensor(RHO, dtype=torch.float64))  # ||T^-1 eps|| = rho
+
+
+def test_the_one_score_offers_max_diff_and_loss() -> None:
+    terms = PoolSharpness(np.arange(2), np.array([1.0, 2.0]), np.array([1.5, 2.25]), np.zeros(2), np.zeros(2))
+    assert terms.score("max").tolist() == [1.5, 2.25] and terms.score("diff").tolist() == [0.5, 0.25]
+    assert terms.score("loss").tolist() == [1.0, 2.0]
+    with pytest.raises(SaalError, match="score must be one of max, diff, loss"):
+        terms.score("mean")

@@ -64,6 +64,22 @@ def test_reference_defaults_are_the_reference_code() -> None:
     assert build_strategy("saal-reference", subset=500).subset == 500
 
 
+def test_a_reference_variant_is_its_parent_with_other_defaults_and_the_same_repr() -> None:
+    assert repr(SAALReference()) == (
+        "SAALReference(rho=0.05, perturbation='asam', score='max', granularity='per-instance', scope='all', "
+        "selection='kmeans++', batch_size=256, subset=2000)"
+    )
+    assert repr(SAAL(rho=0.1, selection="diversity")) == (
+        "SAAL(rho=0.1, perturbation='asam', score='max', granularity='per-instance', scope='all', "
+        "selection='kmeans++', batch_size=256, subset=None)"
+    )
+    assert SAALReference(selection="top-k", scope="last-layer").selection == "top-k"
+    with pytest.raises(TypeError, match="nosuch"):
+
+        class Broken(SAAL):  # an override of no option is a mistake in the class, found when it is defined
+            default_overrides = {"nosuch": 1}  # noqa: RUF012
+
+
 @pytest.mark.parametrize(
     ("spec", "text"),
     [

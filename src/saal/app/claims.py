@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select
 
@@ -25,6 +26,7 @@ class Claimed:
         path: its path relative to the project folder.
         state: unlabelled or skipped.
         predicted, confidence: the current model's guess for it, when there is one.
+        picked_by: what placed it in the queue: a strategy's name, ``random`` or ``audit`` (a random check image).
     """
 
     id: int
@@ -32,13 +34,14 @@ class Claimed:
     state: int
     predicted: str | None
     confidence: float | None
+    picked_by: str | None = None
 
 
 def claim_next(engine: Engine, annotator: str, seconds: float, now: float | None = None) -> Claimed | None:
     """Return the image ``annotator`` should label now, claimed for ``seconds``; None when none is left."""
     now = time.time() if now is None else now
     it = db.items
-    cols = (it.c.id, it.c.path, it.c.state, it.c.predicted, it.c.confidence)
+    cols = (it.c.id, it.c.path, it.c.state, it.c.predicted, it.c.confidence, it.c.picked_by)
     open_ = and_(it.c.readable.is_(True), it.c.state.in_((db.UNLABELLED, db.SKIPPED)))
     with db.write(engine, durable=False) as conn:
         held = conn.execute(
@@ -55,7 +58,7 @@ def claim_next(engine: Engine, annotator: str, seconds: float, now: float | None
             .returning(*cols)
         ).first()
         if held is not None:
-            return Claimed(int(held.id), str(held.path), int(held.state), held.predicted, held.confidence)
+            return _claimed(held)
         free = or_(it.c.claimed_by.is_(None), it.c.claim_until < now)
         best = (
             select(it.c.id)
@@ -71,9 +74,11 @@ def claim_next(engine: Engine, annotator: str, seconds: float, now: float | None
             .values(claimed_by=annotator, claim_until=now + seconds)
             .returning(*cols)
         ).first()
-    if row is None:
-        return None
-    return Claimed(int(row.id), str(row.path), int(row.state), row.predicted, row.confidence)
+    return None if row is None else _claimed(row)
+
+
+def _claimed(row: Any) -> Claimed:
+    return Claimed(int(row.id), str(row.path), int(row.state), row.predicted, row.confidence, row.picked_by)
 
 
 def release(engine: Engine, annotator: str) -> None:

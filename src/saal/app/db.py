@@ -12,6 +12,13 @@ Tables:
   row; no row is ever changed or deleted, so nothing a person entered is lost. ``request_id`` is unique: a form
   sent twice (a double click, a retried request) is recorded once.
 * ``models``: one row per model version: when, on how many labels, with which strategy, its measured quality.
+* ``audit_predictions``: what each model version predicted for the random check (audit) images it never saw
+  (the next :data:`saal.app.ranking.MAX_AUDIT_TRACK` in the check order); its accuracy on those labelled later is
+  read from here (:mod:`saal.app.status`).
+
+Schema 2 added ``items.audit`` (the image is a random check image), ``items.picked_by`` (what put it where it is
+in the queue: a strategy's name, ``random`` or ``audit``), ``events.audit`` (the label is a random check label)
+and ``audit_predictions``; :func:`upgrade` adds them to a schema-1 database (older labels count as non-audit).
 
 Labels are stored as text: a class name for classification. A task with richer labels (boxes) stores their JSON
 in the same column; see :mod:`saal.app` for what detection would add.
@@ -49,7 +56,7 @@ from sqlalchemy import (  # noqa: E402  (after the one-line "install saal[app]" 
 )
 from sqlalchemy.exc import NoSuchModuleError, OperationalError  # noqa: E402
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 UNLABELLED, LABELLED, SKIPPED = 0, 1, 2  # the values of saal.core.pool_state.ItemState
 
@@ -80,6 +87,8 @@ items = Table(
     Column("predicted", Text),
     Column("confidence", Float),
     Column("added_at", Float, nullable=False),
+    Column("audit", Boolean),  # a random check image (NULL in a schema-1 database until upgraded: not one)
+    Column("picked_by", String(64)),  # what placed it in the queue: a strategy, "random" or "audit"
     Index("ix_items_queue", "state", "priority"),
     Index("ix_items_claimed_by", "claimed_by"),
     Index("ix_items_label", "label"),
@@ -101,6 +110,7 @@ events = Table(
     Column("prev_annotator", String(128)),
     Column("prev_labelled_at", Float),
     Column("prev_event", Integer),
+    Column("audit", Boolean),  # a label of a random check image given on the page (NULL: not one)
     Index("ix_events_item", "item_id"),
     Index("ix_events_annotator", "annotator", "id"),
 )
@@ -121,6 +131,16 @@ models = Table(
     Column("quality_at", Float),
     Column("note", Text),
 )
+
+audit_predictions = Table(
+    "audit_predictions",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("item_id", Integer, primary_key=True, autoincrement=False),
+    Column("predicted", Text, nullable=False),
+)
+
+ADDED_IN_2 = {"items": ("audit", "picked_by"), "events": ("audit",)}
 
 
 def default_url(db_path: str) -> str:
@@ -239,6 +259,35 @@ def initialise(engine: Engine, project_id: str, folder: str) -> None:
             set_meta(conn, "schema", SCHEMA_VERSION)
             set_meta(conn, "current_version", 0)
             set_meta(conn, "created_at", time.time())
+
+
+def upgrade(engine: Engine) -> bool:
+    """Bring a database of an older schema up to :data:`SCHEMA_VERSION` (add the columns and tables it lacks).
+
+    Existing rows keep NULL in the new columns, which reads as "not an audit image / label".
+
+    Returns:
+        Whether anything was changed.
+    """
+    inspector = inspect(engine)
+    missing = [
+        (name, column)
+        for name, columns in ADDED_IN_2.items()
+        for column in columns
+        if column not in {c["name"] for c in inspector.get_columns(name)}
+    ]
+    lacks_table = "audit_predictions" not in inspector.get_table_names()
+    with read(engine) as conn:
+        schema = int(get_meta(conn, "schema", "1") or 1)
+    if not missing and not lacks_table and schema >= SCHEMA_VERSION:
+        return False
+    with write(engine) as conn:
+        for name, column in missing:
+            kind = metadata.tables[name].c[column].type.compile(dialect=engine.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {column} {kind}")
+        set_meta(conn, "schema", SCHEMA_VERSION)
+    metadata.create_all(engine)  # the new tables (existing ones are left alone)
+    return True
 
 
 def check_owner(engine: Engine, project_id: str, folder: str, *, new: bool = False) -> None:

@@ -2,7 +2,8 @@
 
 Each call is one write transaction that appends the history row and updates the item's current state from it,
 so the two never disagree, even when the process is killed between two calls. A ``request_id`` (a form's nonce)
-makes a call idempotent: the same request sent twice is recorded once.
+makes a call idempotent: the same request sent twice is recorded once. A label given on the page to a random
+check image is recorded as an audit label (``events.audit``; see :mod:`saal.app.order`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def _append(
     request_id: str | None,
     now: float,
     undoes: int | None = None,
+    audit: bool | None = None,
 ) -> int:
     result = conn.execute(
         db.events.insert().values(
@@ -80,6 +82,7 @@ def _append(
             prev_annotator=item.annotator,
             prev_labelled_at=item.labelled_at,
             prev_event=item.last_event,
+            audit=audit,
         )
     )
     return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -108,7 +111,10 @@ def _label_in(
     item = _item(conn, item_id)
     if not item.readable:
         raise Conflict(f"image {item.path} cannot be read, so it cannot be labelled")
-    event_id = _append(conn, item, kind=kind, label=label, annotator=annotator, request_id=request_id, now=when)
+    audit = _is_audit_label(conn, item, kind)
+    event_id = _append(
+        conn, item, kind=kind, label=label, annotator=annotator, request_id=request_id, now=when, audit=audit
+    )
     conn.execute(
         db.items.update()
         .where(db.items.c.id == item_id)
@@ -123,6 +129,17 @@ def _label_in(
         )
     )
     return Recorded(event_id, item_id)
+
+
+def _is_audit_label(conn: Connection, item: Any, kind: str) -> bool:
+    """Return whether a ``kind`` label of ``item`` is a random check (audit) label: one given on the page to a
+    check image that was unlabelled, or correcting its check label (an imported label never is one)."""
+    if kind != "label" or not item.audit:
+        return False
+    if item.state != db.LABELLED:
+        return True
+    before = conn.execute(select(db.events.c.audit).where(db.events.c.id == item.last_event)).scalar()
+    return bool(before)
 
 
 def record_many(

@@ -5,8 +5,10 @@ URL comes in the ``SAAL_LABEL_DB`` environment variable, so a password never sho
 
 It caches every image's features once, then loops: when ``retrain_every`` labels arrived since the model in use
 was trained, or a retrain was requested from the page, and labels of at least two classes exist, it runs one
-:func:`saal.app.ranking.update` (train, measure, score, commit a new version). Until then the order is the
-seeded random one the project started with. It reports what it does in the database (``job_*`` meta keys) for
+:func:`saal.app.ranking.update` (train, measure, score, commit a new version). Before the first model it ranks the
+queue with the project's cold-start strategy on the cached features (:func:`saal.app.ranking.cold_start`): once the
+features are cached, and again after every ``retrain_every`` labels (or a retrain request) while labels of two
+classes are missing. It reports what it does in the database (``job_*`` meta keys) for
 the page, exits when its parent server is gone, and lets every error end the process with a traceback in
 ``job.log``: the supervisor restarts it and shows the error's last line on the page.
 """
@@ -19,13 +21,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from saal.app import db, ranking
 from saal.app.features import FeatureCache, make_extractor
-from saal.app.project import read_settings
+from saal.app.project import Settings, read_settings
 from saal.app.status import new_labels_since
 from saal.errors import SaalError
 
@@ -59,8 +62,23 @@ def _lock(state_dir: Path, parent: int | None) -> object:
             time.sleep(0.2)
 
 
-def _wanted(engine: db.Engine, every: int) -> tuple[bool, bool, bool]:
-    """Return (a retrain is due or requested, it was requested, labels of two classes exist)."""
+@dataclass
+class Wanted:
+    """What the job should do next.
+
+    Attributes:
+        train: train a new model version (a retrain is due or requested, and labels of two classes exist).
+        cold_start: rank with the cold-start strategy (no model yet, and it never ran or is due again).
+        requested: a retrain was requested from the page.
+    """
+
+    train: bool
+    cold_start: bool
+    requested: bool
+
+
+def _wanted(engine: db.Engine, every: int) -> Wanted:
+    """Return what is due (see :class:`Wanted`)."""
     from sqlalchemy import func, select
 
     with db.read(engine) as conn:
@@ -71,7 +89,11 @@ def _wanted(engine: db.Engine, every: int) -> tuple[bool, bool, bool]:
         classes = conn.execute(
             select(func.count(func.distinct(db.items.c.label))).where(db.items.c.state == db.LABELLED)
         ).scalar_one()
-    return new >= every or requested, requested, int(classes) >= 2
+        cold = db.get_meta(conn, "cold_start_event")
+        new_since_cold = new_labels_since(conn, int(cold)) if cold is not None else 0
+    train = (new >= every or requested) and int(classes) >= 2
+    cold_due = version == 0 and not train and (cold is None or new_since_cold >= every or requested)
+    return Wanted(train, cold_due, requested)
 
 
 def run(state_dir: Path, url: str, parent: int | None, poll: float = 0.5) -> int:
@@ -96,34 +118,14 @@ def run(state_dir: Path, url: str, parent: int | None, poll: float = 0.5) -> int
     rows = _features(engine, state_dir.parent, cache)
     idle = f"{extractor.kind} model ready" + (f"; {note}" if note else "")
     set_job(engine, state="idle", message=idle)
-    beat, waiting = time.monotonic(), False
+    beat = time.monotonic()
     while parent is None or os.getppid() == parent:
-        due, requested, two_classes = _wanted(engine, settings.retrain_every)
-        if due and not two_classes:
-            if requested or not waiting:  # say it once, not on every poll
-                with db.write(engine) as conn:
-                    db.set_meta(conn, "retrain_requested", None)
-                    db.set_meta(conn, "job_message", "a model needs labels of two classes; the order stays random")
-                waiting = True
-        elif due:
+        wanted = _wanted(engine, settings.retrain_every)
+        if wanted.train or wanted.cold_start:
             snap = ranking.take_snapshot(engine, settings.classes)
             if snap.size > len(rows):
                 rows = _features(engine, state_dir.parent, cache)
-            set_job(engine, state="training", message=f"training on {len(snap.labelled)} labels")
-            done = ranking.update(
-                engine,
-                kind=extractor.kind,
-                rows=rows,
-                classes=settings.classes,
-                strategy=settings.strategy,
-                seed=settings.seed,
-                models_dir=state_dir / "models",
-                snap=snap,
-            )
-            message = (
-                f"version {done.version}: trained on {done.labels} labels in {done.train_seconds:.1f} s, "
-                f"ranked {len(snap.candidates)} images in {done.score_seconds:.1f} s"
-            )
+            message = _rank(engine, settings, extractor.kind, rows, state_dir, snap, wanted.train)
             set_job(engine, state="idle", message=message, heartbeat=time.time())
             print(message, flush=True)
         if time.monotonic() - beat > HEARTBEAT_SECONDS:
@@ -131,6 +133,50 @@ def run(state_dir: Path, url: str, parent: int | None, poll: float = 0.5) -> int
             beat = time.monotonic()
         time.sleep(poll)
     return 0
+
+
+def _rank(
+    engine: db.Engine,
+    settings: Settings,
+    kind: str,
+    rows: np.ndarray,
+    state_dir: Path,
+    snap: ranking.Snapshot,
+    train: bool,
+) -> str:
+    """Train a new version (``train``) or rank with the cold-start strategy; return what was done, in words."""
+    if not train:
+        set_job(engine, state="ranking", message=f"cold start: ranking with {settings.cold_start}")
+        cold = ranking.cold_start(
+            engine,
+            kind=kind,
+            rows=rows,
+            classes=settings.classes,
+            spec=settings.cold_start,
+            seed=settings.seed,
+            audit_share=settings.audit_share,
+            snap=snap,
+        )
+        return (
+            f"no model yet (it needs labels of two classes and {settings.retrain_every} labels): "
+            f"{settings.cold_start} chose the next {cold.chosen} of {cold.ranked} images in {cold.seconds:.1f} s"
+        )
+    set_job(engine, state="training", message=f"training on {len(snap.labelled)} labels")
+    done = ranking.update(
+        engine,
+        kind=kind,
+        rows=rows,
+        classes=settings.classes,
+        strategy=settings.strategy,
+        seed=settings.seed,
+        models_dir=state_dir / "models",
+        snap=snap,
+        audit_share=settings.audit_share,
+    )
+    return (
+        f"version {done.version}: trained on {done.labels} labels in {done.train_seconds:.1f} s, "
+        f"ranked {len(snap.candidates)} images in {done.score_seconds:.1f} s"
+    )
 
 
 def _features(engine: db.Engine, root: Path, cache: FeatureCache) -> np.ndarray:

@@ -1,9 +1,9 @@
 """A labelling project: a folder of images, its settings file, its database and the one-server lock.
 
 The project folder is the image folder itself; what ``saal label`` keeps lives in ``FOLDER/.saal-label/``:
-``project.json`` (classes, strategy, model, the project's id), ``labels.db`` (the SQLite database, unless ``--db``
-names another), ``secret`` (signs annotator sessions), ``features-*.npy`` (cached embeddings), ``job.log`` (the
-model job's output) and ``server.lock`` (held by the running server).
+``project.json`` (classes, strategies, audit share, model, the project's id), ``labels.db`` (the SQLite database,
+unless ``--db`` names another), ``secret`` (signs annotator sessions), ``features-*.npy`` (cached embeddings),
+``job.log`` (the model job's output) and ``server.lock`` (held by the running server).
 
 Images are the files below the folder, at any depth, with torchvision's image extensions, in sorted order of
 their relative paths; hidden folders are ignored. Each gets a stable id (its position when it was first seen;
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from saal.app import db
+from saal.app import db, default_cold_start, default_strategy
 from saal.errors import SaalError
 
 STATE_DIR = ".saal-label"
@@ -49,12 +49,16 @@ class Settings:
         project_id: identifies the project (its database records it too).
         classes: the class names, in key order (key 1 is the first).
         task: what a label is (``classification``).
-        strategy: the strategy spec that ranks unlabelled images.
+        strategy: the strategy spec that ranks unlabelled images once a model exists.
+        cold_start: the strategy spec that ranks them before (on the cached embeddings alone; see
+            :func:`saal.app.ranking.cold_start`).
+        audit_share: the share of images shown that are random check images (0 turns them off; see
+            :mod:`saal.app.order`).
         retrain_every: the model job retrains after this many new labels.
         model: ``pretrained`` (a head on the offline EfficientNet-Lite0 embeddings), ``cnn`` (the small CNN on the
             pixels) or ``auto`` (pretrained when its extra is installed, else cnn).
         image_size: the side images are resized to for the model.
-        seed: seeds the initial random order and every training run.
+        seed: seeds the initial random order, the check images and every training run.
         database: ``project`` (the SQLite file in the state folder) or the redacted URL of another database.
         claim_seconds: how long an image stays reserved for the annotator it was shown to.
     """
@@ -62,7 +66,9 @@ class Settings:
     project_id: str
     classes: list[str]
     task: str = "classification"
-    strategy: str = "saal"
+    strategy: str = field(default_factory=lambda: default_strategy())
+    cold_start: str = field(default_factory=lambda: default_cold_start())
+    audit_share: float = 0.1
     retrain_every: int = 20
     model: str = "auto"
     image_size: int = 128
@@ -249,19 +255,29 @@ def open_project(
     state_dir.mkdir(exist_ok=True)
     if new:
         db.initialise(project.engine, settings.project_id, str(root))
+    else:
+        db.upgrade(project.engine)
     secret = state_dir / "secret"
     if not secret.exists():
         secret.write_text(secrets.token_hex(32))
         secret.chmod(0o600)
     project.save_settings()
     sync_items(project, files)
+    from saal.app.order import assign_audit
+
+    assign_audit(project.engine, settings.seed, settings.audit_share)
     return project
 
 
 def _check_settings(settings: Settings) -> None:
+    from saal.app.ranking import check_cold_start
     from saal.strategies import build_strategy
 
     build_strategy(settings.strategy)  # an unknown strategy or option: one line now, not a crashing job later
+    check_cold_start(settings.cold_start)
+    share = settings.audit_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+        raise SaalError(f"--audit-share must lie in [0, 1) (0 turns random check images off), got {share!r}")
     if settings.retrain_every < 1:
         raise SaalError(f"--retrain-every must be at least 1, got {settings.retrain_every}")
     if settings.model not in MODEL_KINDS:
@@ -277,9 +293,12 @@ def _check_settings(settings: Settings) -> None:
 def sync_items(project: Project, files: list[str]) -> int:
     """Add the images of ``files`` that the database does not hold yet; return how many were added.
 
-    New items get a seeded random priority (the order before the first model) and ids after the existing ones.
+    New items get ids after the existing ones, whether they are random check images (:mod:`saal.app.order`) and a
+    seeded random order among themselves with the check images interleaved (the order before the first ranking).
     """
     from sqlalchemy import func, select
+
+    from saal.app.order import AUDIT, RANDOM, audit_mask, audit_sequence, interleave
 
     with db.read(project.engine) as conn:
         known = {str(p) for p in conn.execute(select(db.items.c.path)).scalars()}
@@ -287,11 +306,16 @@ def sync_items(project: Project, files: list[str]) -> int:
     fresh = [f for f in files if f not in known]
     if not fresh:
         return 0
-    rng = np.random.default_rng([project.settings.seed, next_id])
-    priorities = rng.random(len(fresh))
+    seed, share = project.settings.seed, project.settings.audit_share
+    ids = np.arange(next_id, next_id + len(fresh), dtype=np.int64)
+    audit = audit_mask(seed, ids, share)
+    main = np.random.default_rng([seed, next_id]).permutation(ids[~audit])
+    order, _ = interleave(main, audit_sequence(seed, ids[audit]), share, 0)
+    position = np.empty(len(ids), dtype=np.int64)
+    position[order - next_id] = np.arange(len(order))
     now = time.time()
     rows = []
-    for offset, (relative, priority) in enumerate(zip(fresh, priorities, strict=True)):
+    for offset, relative in enumerate(fresh):
         error = check_header(project.root / relative)
         rows.append(
             {
@@ -300,8 +324,10 @@ def sync_items(project: Project, files: list[str]) -> int:
                 "readable": error is None,
                 "error": error,
                 "state": db.UNLABELLED,
-                "priority": float(priority),
+                "priority": float((len(ids) - position[offset]) / len(ids)),
                 "added_at": now,
+                "audit": bool(audit[offset]),
+                "picked_by": AUDIT if audit[offset] else RANDOM,
             }
         )
     with db.write(project.engine) as conn:

@@ -328,6 +328,7 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             "file": claimed.path,
             "predicted": claimed.predicted,
             "confidence": claimed.confidence,
+            "picked_by": claimed.picked_by,
         }
         return JSONResponse({"item": item, "csrf": signer.csrf(name)})
 

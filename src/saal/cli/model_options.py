@@ -61,7 +61,9 @@ class ModelOptions(Settings):
 
 def add_model_arguments(p: argparse.ArgumentParser, model: type[ModelOptions]) -> None:
     """Add the options of :class:`ModelOptions` to ``p``, with the defaults of ``model``."""
-    add_option(p, "--dataset", model, "dataset", "dataset name, folder:PATH, npz:PATH, voc:PATH or coco:PATH")
+    add_option(
+        p, "--dataset", model, "dataset", "dataset name, folder:PATH, npz:PATH, npy:FOLDER, voc:PATH or coco:PATH"
+    )
     add_option(
         p,
         "--data-dir",

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from saal.cli.options import add_option, default_of, validate_options
 from saal.config import apply_overrides, check_required, default_out_of, read_protocol
 from saal.core.acquisition_service import AcquisitionService
+from saal.core.progress import with_progress
 from saal.data import load_dataset
 from saal.errors import SaalError
 from saal.experiment import RoundResult, accuracy_table, check_grid, run_grid
@@ -30,9 +31,21 @@ MAX_SEED_COUNT = 50
 
 # (option, dotted ExperimentSpec key, argparse type, help) of every option that sets one key to its value.
 VALUE_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
-    ("--dataset", "run.dataset", str, "dataset name, folder:PATH (image folder), npz:PATH, voc:PATH or coco:PATH"),
+    (
+        "--dataset",
+        "run.dataset",
+        str,
+        "dataset name, folder:PATH (image folder), npz:PATH, npy:FOLDER (.npy files, read a batch at a time), "
+        "voc:PATH or coco:PATH",
+    ),
     ("--model", "run.model", str, f"model name: {', '.join(MODEL_NAMES)}"),
-    ("--initial", "run.initial", int, "initial labelled set size"),
+    (
+        "--initial",
+        "run.initial",
+        int,
+        "initial labelled set size; 0 starts from no labels (round 0 evaluates the untrained model and makes the "
+        "first pick; see the initial-strategy option)",
+    ),
     ("--query", "run.query", int, "items acquired per round (K)"),
     (
         "--rounds",
@@ -85,6 +98,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     for flag, key, kind, text in VALUE_OPTIONS:
         add_option(p, flag, spec, key, text, type=kind)
+    add_option(
+        p,
+        "--initial-strategy",
+        spec,
+        "run.initial_strategy",
+        "a cold-start strategy (random, typiclust, auto, ...) that chooses from zero labels, without the ground "
+        "truth: the initial set with --initial N, the first pick with --initial 0",
+        shown_default="a class-balanced initial set drawn with the true labels (the paper's protocol); with "
+        "--initial 0, the run's own strategy when it is cold-start, else random",
+        metavar="NAME",
+    )
     add_option(
         p,
         "--data-dir",
@@ -140,8 +164,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         p, "--out", spec, "out", "output folder", shown_default=f"{default_of(spec, 'out')}, or runs/<stem> of --config"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_command)
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress: neither the rounds bar nor that of long scans, selections and feature caching",
+    )
+    p.set_defaults(func=with_progress(run_command))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -226,6 +254,8 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             put(key, value, flag)
+    if args.initial_strategy is not None:
+        put("run.initial_strategy", args.initial_strategy, "--initial-strategy")
     if args.data_dir is not None:
         put("run.data_dir", args.data_dir, "--data-dir")
     if args.subset is not None:

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from saal.cli.detection_outputs import write_detection_outputs
 from saal.cli.model_options import MODEL_FLAGS, ModelOptions, add_model_arguments
 from saal.cli.options import add_option, given, validate_options
+from saal.core.progress import with_progress
 from saal.core.scoring_job import ScoringJob
-from saal.detection.outputs import write_detection_outputs
 from saal.errors import SaalError
 from saal.strategies import Selection, build_strategy
 from saal.tasks.detection import Detection
@@ -91,7 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
     )
     add_model_arguments(p, m)
-    p.set_defaults(func=run_score)
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (by default long scans and selections show a bar on a terminal, "
+        "else a line every few seconds)",
+    )
+    p.set_defaults(func=with_progress(run_score))
 
 
 def options_from_args(args: argparse.Namespace) -> ScoreOptions:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from saal.core.distributed import all_gather_objects, batch_shard_bounds, get_rank, get_world_size
+from saal.core.progress import Progress
 from saal.core.row_store import RowStore, new_rows
 from saal.core.shards import ScoringPlan, current_plan
 from saal.data.base import ArrayDataset
@@ -117,6 +118,7 @@ def scan(
     collate: Collate | None = None,
     num_workers: int = 0,
     shard: bool | None = None,
+    desc: str = "scan",
 ) -> dict[str, torch.Tensor]:
     """Run ``fn`` on every batch of ``dataset[indices]`` and gather its per-item outputs.
 
@@ -126,6 +128,7 @@ def scan(
             batches of a one-process scan, :func:`~saal.core.distributed.batch_shard_bounds`) and
             gather every rank's outputs (moved to the CPU for the exchange). None (the default)
             follows the :class:`~saal.core.shards.ScoringPlan` in force (no plan: no sharding).
+        desc: what the scan's progress (:mod:`saal.core.progress`) calls it.
 
     Returns:
         For each name ``fn`` returned, one tensor of ``len(indices)`` rows in the order of
@@ -140,6 +143,7 @@ def scan(
         num_workers=num_workers,
         shard=shard,
         on_disk=False,
+        desc=desc,
     )
     return {k: v.to_tensor() for k, v in rows.items()}
 
@@ -154,6 +158,7 @@ def scan_rows(
     num_workers: int = 0,
     shard: bool | None = None,
     on_disk: bool | None = None,
+    desc: str = "scan",
 ) -> dict[str, RowStore]:
     """As :func:`scan`, but each output is a :class:`~saal.core.row_store.RowStore`: large outputs
     (``N x d`` embeddings of a big pool) go to a temporary file instead of memory.
@@ -171,10 +176,14 @@ def scan_rows(
         shard = plan is not None and plan.shard
     world = get_world_size() if shard else 1
     if world == 1 and plan is None:
-        return _fill(dataset, idx, fn, batch_size, collate, num_workers, 0, on_disk, None, 0)
+        with Progress(len(idx), desc) as progress:
+            return _fill(dataset, idx, fn, batch_size, collate, num_workers, 0, on_disk, None, 0, progress)
     number = plan.next_scan() if plan is not None else 0
     start, stop = batch_shard_bounds(len(idx), batch_size, get_rank(), world) if world > 1 else (0, len(idx))
-    mine = _fill(dataset, idx[start:stop], fn, batch_size, collate, num_workers, start, on_disk, plan, number)
+    with Progress(stop - start, desc) as progress:  # this rank's share
+        mine = _fill(
+            dataset, idx[start:stop], fn, batch_size, collate, num_workers, start, on_disk, plan, number, progress
+        )
     if world == 1:
         return mine
     bounds = [batch_shard_bounds(len(idx), batch_size, r, world) for r in range(world)]
@@ -192,8 +201,10 @@ def _fill(
     on_disk: bool | None,
     plan: ScoringPlan | None,
     number: int,
+    progress: Progress,
 ) -> dict[str, RowStore]:
-    """Scan ``idx`` (the items ``first ..`` of the whole scan) into stores allocated at the first batch.
+    """Scan ``idx`` (the items ``first ..`` of the whole scan) into stores allocated at the first batch;
+    ``progress`` counts the items done (saved pieces loaded included).
 
     Under a plan with a checkpoint folder, the items go in pieces aligned to global multiples of
     ``piece_batches * batch_size``; a saved piece is loaded instead of computed, a computed one saved.
@@ -213,6 +224,7 @@ def _fill(
                              first_position=first + lo):  # fmt: skip
             put(at, fn(batch))
             at += len(batch)
+            progress.update(len(batch))
 
     if plan is None or plan.checkpoint_dir is None:
         run(0, len(idx))
@@ -226,6 +238,7 @@ def _fill(
         saved = plan.load_piece(path, idx[lo:hi])
         if saved is not None:
             put(lo, saved)
+            progress.update(hi - lo)
         else:
             run(lo, hi)
             plan.save_piece(path, idx[lo:hi], {k: v.read(lo, hi).cpu().clone() for k, v in out.items()})

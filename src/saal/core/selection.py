@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from saal.core.progress import Progress
 from saal.core.streaming_topk import sort_keys, streaming_top_k
 
 # Above this many scores, top_k streams them (argpartition per chunk) instead of sorting them all.
@@ -51,25 +52,27 @@ def d2_sample(
     at_pick = np.zeros(k, dtype=np.float64)
     taken = np.zeros(n, dtype=bool)
     min_d2 = np.full(n, np.inf)
-    for t in range(k):
-        if t == 0:
-            pick = int(first)
-        else:
-            weights = min_d2
-            total = weights.sum()
-            if total > 0 and np.isfinite(total):
-                cumulative = np.cumsum(weights)
-                pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-                pick = min(pick, n - 1)
-                while weights[pick] == 0:  # round-off at the top end of the cumulative sum
-                    pick -= 1
+    with Progress(k, "k-means++ seeding", "pick") as progress:
+        for t in range(k):
+            if t == 0:
+                pick = int(first)
             else:
-                pick = int(rng.choice(np.flatnonzero(~taken)))
-            at_pick[t] = float(weights[pick])
-        picks[t] = pick
-        taken[pick] = True
-        min_d2 = np.minimum(min_d2, squared_distances_to(pick))
-        min_d2[taken] = 0.0
+                weights = min_d2
+                total = weights.sum()
+                if total > 0 and np.isfinite(total):
+                    cumulative = np.cumsum(weights)
+                    pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+                    pick = min(pick, n - 1)
+                    while weights[pick] == 0:  # round-off at the top end of the cumulative sum
+                        pick -= 1
+                else:
+                    pick = int(rng.choice(np.flatnonzero(~taken)))
+                at_pick[t] = float(weights[pick])
+            picks[t] = pick
+            taken[pick] = True
+            min_d2 = np.minimum(min_d2, squared_distances_to(pick))
+            min_d2[taken] = 0.0
+            progress.update(1)
     final = min_d2.copy()
     final[picks] = at_pick
     return picks, final

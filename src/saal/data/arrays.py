@@ -155,35 +155,10 @@ def load(
     """
     stats_sample = check_stats_sample(stats_sample)
     source = Path(path).expanduser()
-    if source.is_dir():
-        files = [source / "train.npz", source / "test.npz"]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise SaalError(f"{source} lacks {' and '.join(absent)}; give npz:FILE.npz or a folder with both files")
-        (x_train, y_train, names, m_train), (x_test, y_test, test_names, m_test) = (_read(f) for f in files)
-        if x_train.shape[1:] != x_test.shape[1:]:
-            raise SaalError(
-                f"items in {files[0]} have shape {x_train.shape[1:]} but in {files[1]} {x_test.shape[1:]}; "
-                "make them match"
-            )
-        names = names if names is not None else test_names
-        y_all = np.concatenate([y_train, y_test])
-        where = files[0]
-        r_train, r_test = None, None  # every row, in order
-    elif source.is_file():
-        x, y_all, names, m_train = _read(source)
-        r_train, r_test = stratified_split(y_all, test_fraction, seed)
-        x_train, y_train, x_test, y_test, m_test = x, y_all[r_train], x, y_all[r_test], m_train
-        where = source
-    else:
-        raise SaalError(f"{source} does not exist; give npz:FILE.npz (arrays x and y) or a folder with train/test.npz")
-    num_classes = int(y_all.max()) + 1
-    if names is not None:
-        if len(names) < num_classes:
-            raise SaalError(f"{where}: 'classes' names {len(names)} classes but labels go up to {num_classes - 1}")
-        classes = [str(c) for c in names]
-    else:
-        classes = [str(i) for i in range(num_classes)]
+    read = _read_splits(source, test_fraction, seed)
+    x_train, y_train, m_train, r_train = read.x_train, read.y_train, read.m_train, read.r_train
+    where = read.where
+    classes = _class_names(read.names, read.y_all, where)
     item_shape = tuple(_to_nchw(torch.empty((0, *x_train.shape[1:])), where).shape[1:])  # checks the shape
     n_train = len(y_train)
     sample = stats_indices(n_train, stats_sample, seed)
@@ -207,7 +182,7 @@ def load(
         return ArrayDataset(normalise_(inputs, mean, std), y)
 
     train = split(x_train, m_train, r_train, y_train, train_eager)
-    test = split(x_test, m_test, r_test, y_test, None)
+    test = split(read.x_test, read.m_test, read.r_test, read.y_test, None)
     return DatasetBundle(
         name=f"npz:{source.resolve()}",
         train=train,
@@ -219,6 +194,67 @@ def load(
         mean=mean,
         std=std,
     )
+
+
+@dataclass
+class _Splits:
+    """The arrays of an npz source as read: each split's array, labels, memory-mappable member (None: compressed)
+    and rows of the array (None: every row, in order); the class names stored, every label, the file to name."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    m_train: NpyMember | None
+    r_train: np.ndarray | None
+    x_test: np.ndarray
+    y_test: np.ndarray
+    m_test: NpyMember | None
+    r_test: np.ndarray | None
+    names: np.ndarray | None
+    y_all: np.ndarray
+    where: Path
+
+
+def _read_splits(source: Path, test_fraction: float, seed: int) -> _Splits:
+    """Return the splits of ``source``: a folder's ``train.npz`` and ``test.npz``, or one file split here by
+    :func:`stratified_split` (``test_fraction`` of each class, drawn with ``seed``).
+
+    Raises:
+        SaalError: a missing or unreadable file, or train and test items of different shapes.
+    """
+    if source.is_dir():
+        files = [source / "train.npz", source / "test.npz"]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise SaalError(f"{source} lacks {' and '.join(absent)}; give npz:FILE.npz or a folder with both files")
+        (x_train, y_train, names, m_train), (x_test, y_test, test_names, m_test) = (_read(f) for f in files)
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise SaalError(
+                f"items in {files[0]} have shape {x_train.shape[1:]} but in {files[1]} {x_test.shape[1:]}; "
+                "make them match"
+            )
+        names = names if names is not None else test_names
+        y_all = np.concatenate([y_train, y_test])
+        # every row, in order
+        return _Splits(x_train, y_train, m_train, None, x_test, y_test, m_test, None, names, y_all, files[0])
+    if source.is_file():
+        x, y_all, names, member = _read(source)
+        r_train, r_test = stratified_split(y_all, test_fraction, seed)
+        return _Splits(x, y_all[r_train], member, r_train, x, y_all[r_test], member, r_test, names, y_all, source)
+    raise SaalError(f"{source} does not exist; give npz:FILE.npz (arrays x and y) or a folder with train/test.npz")
+
+
+def _class_names(names: np.ndarray | None, y_all: np.ndarray, where: Path) -> list[str]:
+    """Return the class names: those stored (at least one per label), else ``"0"``, ``"1"``, ...
+
+    Raises:
+        SaalError: fewer stored names than classes in the labels.
+    """
+    num_classes = int(y_all.max()) + 1
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if len(names) < num_classes:
+        raise SaalError(f"{where}: 'classes' names {len(names)} classes but labels go up to {num_classes - 1}")
+    return [str(c) for c in names]
 
 
 def _take(x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from saal.detection.data import BoxRecord, DetectionBundle, make_bundle
+from saal.data.detection import BoxRecord, DetectionBundle, make_bundle
 from saal.errors import SaalError
 
 
@@ -74,7 +74,7 @@ def load(path: str, test: str | None = None, classes: str | list[str] | None = N
         classes: the class names in label order; default the categories' names in order of their ids.
 
     Returns:
-        A :class:`~saal.detection.data.DetectionBundle`.
+        A :class:`~saal.data.detection.DetectionBundle`.
 
     Raises:
         SaalError: a missing or corrupt file or image, categories that differ between the files, an unknown class.

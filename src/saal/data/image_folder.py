@@ -152,33 +152,10 @@ def load(
             of different or non-square sizes without ``image_size``, bad arguments.
     """
     root = Path(path).expanduser()
-    if not root.is_dir():
-        raise SaalError(f"image folder {root} does not exist; give folder:PATH with PATH/<class>/*.png")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise SaalError(f"image_size must be a positive integer, got {image_size!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise SaalError(f"workers must be a positive integer, got {workers!r}")
-    if channels not in (None, 1, 3):
-        raise SaalError(f"channels must be 1, 3 or None (automatic), got {channels!r}")
-    stats_sample = check_stats_sample(stats_sample)
-    train_dir, test_dir = root / "train", root / "test"
-    if test_dir.is_dir() and not train_dir.is_dir():
-        raise SaalError(f"{root} has a test/ folder but no train/ folder; add {train_dir}/<class>/*")
-    classes, files, labels = _scan(train_dir if train_dir.is_dir() else root)
-    given_test = test_dir.is_dir() and train_dir.is_dir()
-    if given_test:
-        test_classes, test_files, test_labels = _scan(test_dir)
-        if test_classes != classes:
-            only_train = sorted(set(classes) - set(test_classes))
-            only_test = sorted(set(test_classes) - set(classes))
-            raise SaalError(
-                f"{train_dir} and {test_dir} must hold the same class folders; only in train: "
-                f"{only_train or 'none'}, only in test: {only_test or 'none'}"
-            )
-        n_train = len(files)
-        files, labels = files + test_files, np.concatenate([labels, test_labels])
+    stats_sample = _check_arguments(root, image_size, channels, workers, stats_sample)
+    classes, files, labels, n_train = _scan_splits(root)
     side, out_channels = _check_headers(files, image_size, channels, workers)
-    if given_test:
+    if n_train is not None:
         tr, te = np.arange(n_train), np.arange(n_train, len(files))
     else:
         tr, te = stratified_split(labels, test_fraction, seed)
@@ -222,6 +199,50 @@ def load(
         mean=mean,
         std=std,
     )
+
+
+def _check_arguments(root: Path, image_size: int | None, channels: int | None, workers: int, stats_sample: int) -> int:
+    """Check :func:`load`'s arguments.
+
+    Returns:
+        ``stats_sample``, checked.
+
+    Raises:
+        SaalError: a missing folder or a bad argument, naming it.
+    """
+    if not root.is_dir():
+        raise SaalError(f"image folder {root} does not exist; give folder:PATH with PATH/<class>/*.png")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise SaalError(f"image_size must be a positive integer, got {image_size!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise SaalError(f"workers must be a positive integer, got {workers!r}")
+    if channels not in (None, 1, 3):
+        raise SaalError(f"channels must be 1, 3 or None (automatic), got {channels!r}")
+    return check_stats_sample(stats_sample)
+
+
+def _scan_splits(root: Path) -> tuple[list[str], list[str], np.ndarray, int | None]:
+    """Return ``(class names, image files, their labels, train count)`` of ``root``: the files of ``train/``
+    then ``test/`` when both exist (train count: how many are train's), else of ``root`` itself (None).
+
+    Raises:
+        SaalError: a test split without a train split, different class sets, or a scan error of :func:`_scan`.
+    """
+    train_dir, test_dir = root / "train", root / "test"
+    if test_dir.is_dir() and not train_dir.is_dir():
+        raise SaalError(f"{root} has a test/ folder but no train/ folder; add {train_dir}/<class>/*")
+    classes, files, labels = _scan(train_dir if train_dir.is_dir() else root)
+    if not (test_dir.is_dir() and train_dir.is_dir()):
+        return classes, files, labels, None
+    test_classes, test_files, test_labels = _scan(test_dir)
+    if test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise SaalError(
+            f"{train_dir} and {test_dir} must hold the same class folders; only in train: "
+            f"{only_train or 'none'}, only in test: {only_test or 'none'}"
+        )
+    return classes, files + test_files, np.concatenate([labels, test_labels]), len(files)
 
 
 def _scan(folder: Path) -> tuple[list[str], list[str], np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saal.detection.data import BoxRecord, DetectionBundle, make_bundle
+from saal.data.detection import BoxRecord, DetectionBundle, make_bundle
 from saal.errors import SaalError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -89,7 +89,7 @@ def load(
         classes: the class names in label order (a list or ``"a,b,c"``); default the sorted names found.
 
     Returns:
-        A :class:`~saal.detection.data.DetectionBundle`.
+        A :class:`~saal.data.detection.DetectionBundle`.
 
     Raises:
         SaalError: a missing folder, split file, XML or image; a corrupt XML or image; an unknown class.

@@ -49,13 +49,14 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
 
     Raises:
         SaalError: unknown strategy or option (as every run builds it: with the shared subset and batch
-            size), a strategy that does not support the dataset's task, an unknown device or model,
-            impossible sizes, or an output folder that is a file or holds different runs.
+            size), a strategy or ``initial_strategy`` that does not support the dataset's task, an unknown
+            device or model, impossible sizes, or an output folder that is a file or holds different runs.
     """
     cfg = spec.run
     task = bundle.task
     strategies = {s: build_run_strategy(s, cfg, spec.seeds[0]) for s in spec.strategies}
-    for strategy in strategies.values():
+    pickers = [build_run_strategy(cfg.initial_strategy, cfg, spec.seeds[0])] if cfg.initial_strategy else []
+    for strategy in [*strategies.values(), *pickers]:
         check_task = getattr(strategy, "check_task", None)
         if callable(check_task):
             check_task(task)
@@ -75,7 +76,13 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
             f"{cfg.rounds} rounds of {cfg.query} after {cfg.initial} initial labels need {needed} items, "
             f"the pool has {n}; use fewer --rounds or a smaller --query"
         )
-    if cfg.initial_balanced and task.name == "classification" and cfg.initial % bundle.num_classes:
+    if cfg.initial_strategy and cfg.subset is not None and cfg.initial > cfg.subset:
+        raise SaalError(
+            f"initial set {cfg.initial} is larger than the pool subset {cfg.subset} its strategy scores; "
+            "raise --subset or choose a smaller --initial"
+        )
+    ground_truth = cfg.initial > 0 and cfg.initial_strategy is None
+    if ground_truth and cfg.initial_balanced and task.name == "classification" and cfg.initial % bundle.num_classes:
         raise SaalError(
             f"a class-balanced initial set needs a multiple of the {bundle.num_classes} classes, got {cfg.initial}"
         )

@@ -12,6 +12,14 @@ the pool, the train generator and the acquisition generator, the strategy's own 
 results so far. Every round re-seeds the global torch, numpy and ``random`` generators from the
 train generator, so a run killed at any moment and started again continues from the last
 committed round and produces the same chosen indices and metric values as an uninterrupted run.
+
+The start: by default the initial set (``initial`` items) is drawn with the true labels, class-balanced (the
+paper's protocol; ``initial_balanced``) or uniformly. With ``initial_strategy`` (a ``cold_start`` strategy)
+it is chosen by that strategy from zero labels instead, given the untrained model and no ground truth. With
+``initial = 0`` nothing is labelled before round 0: round 0 evaluates the untrained model at 0 labels and its
+acquisition is the first pick, made by :func:`first_picker`'s choice (``initial_strategy``; else the run's own
+strategy when it is cold-start; else ``random``). Every round records which strategy made its acquisition and
+why (``acquired_by``, ``reason``); round 0 records how the initial set was chosen (``start``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,12 @@ class RoundResult:
         per_class: the metric per class name, where the task gives one (kept in ``rounds.json`` only).
         details: further scores and counts of the round by name (detection: ``map``, ``boxes_labelled``;
             kept in ``rounds.json`` only).
+        acquired_by: the spec of the strategy that made this round's acquisition ("" after the last round;
+            None in rounds written before saal recorded it).
+        reason: why that strategy, and what it said of its choice (:attr:`saal.strategies.Selection.reason`);
+            "" when there is nothing to say; None in older rounds.
+        start: round 0 only: how the initial set was chosen, ``{"by", "reason", "chosen"}`` (``rounds.json``
+            only; None in older rounds and later rounds).
     """
 
     round: int
@@ -67,6 +81,9 @@ class RoundResult:
     chosen: list[int]
     per_class: dict[str, float] = field(default_factory=dict)
     details: dict[str, float] = field(default_factory=dict)
+    acquired_by: str | None = None
+    reason: str | None = None
+    start: dict[str, Any] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -83,7 +100,9 @@ class RoundResult:
         """Return the round as a ``rounds.json`` row: the metric under its name, ``per_class`` only when known.
 
         Returns:
-            ``{"round", "labelled", <metric>, "train_seconds", "acquire_seconds", "chosen"[, "per_class"]}``.
+            ``{"round", "labelled", <metric>, "train_seconds", "acquire_seconds", "chosen"[, "acquired_by",
+            "reason"][, "start"][, "per_class"][, "details"]}``: the fields a round of an older saal lacks (None)
+            are left out, so that its rows are written back as they were.
         """
         row: dict[str, Any] = {
             "round": self.round,
@@ -93,6 +112,11 @@ class RoundResult:
             "acquire_seconds": self.acquire_seconds,
             "chosen": list(self.chosen),
         }
+        if self.acquired_by is not None:
+            row["acquired_by"] = self.acquired_by
+            row["reason"] = self.reason or ""
+        if self.start is not None:
+            row["start"] = dict(self.start)
         if self.per_class:
             row["per_class"] = dict(self.per_class)
         if self.details:
@@ -116,6 +140,9 @@ class RoundResult:
             chosen=[int(i) for i in row["chosen"]],
             per_class={str(k): float(v) for k, v in dict(row.get("per_class") or {}).items()},
             details={str(k): float(v) for k, v in dict(row.get("details") or {}).items()},
+            acquired_by=None if row.get("acquired_by") is None else str(row["acquired_by"]),
+            reason=None if row.get("acquired_by") is None else str(row.get("reason") or ""),
+            start=dict(row["start"]) if isinstance(row.get("start"), Mapping) else None,
         )
 
 
@@ -191,6 +218,23 @@ def resolved_options(strategy: str | Strategy, config: RunConfig) -> dict[str, A
     }
 
 
+def first_picker(config: RunConfig, spec: str, strategy: Strategy) -> tuple[str, str]:
+    """Return which strategy makes the first pick of a run that starts from no labels, and why.
+
+    The rule: ``config.initial_strategy`` when given; else the run's own strategy (``spec``, built as
+    ``strategy``) when it can choose from zero labels (``cold_start``); else ``random``. Later acquisitions are
+    the run's own strategy's.
+
+    Returns:
+        ``(strategy spec, reason)``.
+    """
+    if config.initial_strategy is not None:
+        return config.initial_strategy, "initial_strategy: the first pick, from zero labels"
+    if strategy.cold_start:
+        return spec, f"{spec} is cold-start: it makes the first pick, from zero labels"
+    return "random", f"{spec} cannot choose from zero labels: random makes the first pick"
+
+
 def describe_run(config: RunConfig, spec: str | Strategy, seed: int, strategy: Strategy, task: Task) -> dict[str, Any]:
     """Return the ``config.json`` record of the run of ``spec`` (built as ``strategy``) with ``seed`` on ``task``."""
     return storage.run_record(
@@ -236,6 +280,9 @@ class ActiveLearningRun:
         self.streams = seed_streams(self.seed)
         self._given = strategy
         self.strategy = build_run_strategy(strategy, config, self.seed)
+        self.strategy.use_training(config.train)
+        self._pickers: dict[str, Strategy] = {self.spec: self.strategy}
+        self._start: dict[str, Any] | None = None
         self.folder = Path(folder) if folder is not None else None
         self.bundle = load_run_bundle(config, bundle, own_model=model is not None)
         self.task = self.bundle.task
@@ -308,14 +355,7 @@ class ActiveLearningRun:
         if on_start is not None:
             on_start(len(self.results))
         if not self.results:
-            start = initial_indices(
-                self.bundle.train_targets,
-                self.config.initial,
-                np.random.default_rng(self.streams["initial"]),
-                balanced=self.config.initial_balanced and self.task.name == "classification",
-                num_classes=self.bundle.num_classes,
-            )
-            self.pool.label(start, self.bundle.train_targets[start])
+            self._start = self._label_initial_set()
         while not self.finished:
             result = self._round(len(self.results))
             self.results.append(result)
@@ -324,6 +364,65 @@ class ActiveLearningRun:
             if progress is not None:
                 progress(result)
         return self.results
+
+    def picker(self, spec: str) -> Strategy:
+        """Return the strategy ``spec`` as this run builds it: the run's own when ``spec`` is its spec.
+
+        Raises:
+            SaalError: an unknown strategy, option or option value.
+        """
+        if spec not in self._pickers:
+            built = build_run_strategy(spec, self.config, self.seed)
+            built.use_training(self.config.train)
+            self._pickers[spec] = built
+        return self._pickers[spec]
+
+    def _label_initial_set(self) -> dict[str, Any]:
+        """Choose and label the initial set (see the module's docstring).
+
+        Returns:
+            Round 0's ``start`` record: ``{"by", "reason", "chosen"}``.
+        """
+        cfg = self.config
+        if cfg.initial == 0:
+            return {"by": "", "reason": "no initial labels: round 0's acquisition is the first pick", "chosen": []}
+        if cfg.initial_strategy is None:
+            balanced = cfg.initial_balanced and self.task.name == "classification"
+            start = initial_indices(
+                self.bundle.train_targets,
+                cfg.initial,
+                np.random.default_rng(self.streams["initial"]),
+                balanced=balanced,
+                num_classes=self.bundle.num_classes,
+            )
+            by = "ground truth, class-balanced" if balanced else "uniform"
+            reason = "drawn with the true labels" if balanced else "drawn uniformly at random"
+        else:
+            rng = np.random.default_rng(self.streams["initial"])
+            selection = acquire(self.picker(cfg.initial_strategy), self.model, self.pool, cfg.initial, rng)
+            start, by = selection.indices, cfg.initial_strategy
+            reason = "; ".join(t for t in (selection.reason, "initial_strategy: chosen from zero labels") if t)
+        self.pool.label(start, self.bundle.train_targets[start])
+        return {"by": by, "reason": reason, "chosen": [int(i) for i in np.sort(start)]}
+
+    def _acquire(self, r: int) -> tuple[list[int], str, str]:
+        """Make round ``r``'s acquisition and label it (nothing after the last round).
+
+        Returns:
+            ``(chosen indices, the spec of the strategy that chose, why)``.
+        """
+        cfg = self.config
+        if r >= cfg.rounds:
+            return [], "", ""
+        spec, why = (self.spec, "") if r > 0 or cfg.initial > 0 else first_picker(cfg, self.spec, self.strategy)
+        k = min(cfg.query, self.pool.num_unlabelled)
+        # under torchrun every rank scores its share of the pool (saal.core.acquisition_service)
+        selection = acquire(self.picker(spec), self.model, self.pool, k, self.acquire_rng)
+        self.pool.next_round()
+        # the simulated annotator: the true labels of the chosen items, given through the pool
+        self.pool.label(selection.indices, self.bundle.train_targets[selection.indices])
+        # the strategy's own reason first: a strategy that hands its choice on names the one it used first
+        return [int(i) for i in selection.indices], spec, "; ".join(t for t in (selection.reason, why) if t)
 
     def _round(self, r: int) -> RoundResult:
         cfg = self.config
@@ -352,16 +451,8 @@ class ActiveLearningRun:
             self.optimizer_state = fitted.optimizer_state
         eval_batch = evaluation_batch_size(cfg.score_batch_size, self.device, self.bundle.input_shape, self.task)
         score = self.task.evaluate(self.model, self.bundle.test, eval_batch)
-        chosen: list[int] = []
         t0 = time.perf_counter()
-        if r < cfg.rounds:
-            k = min(cfg.query, self.pool.num_unlabelled)
-            # under torchrun every rank scores its share of the pool (saal.core.acquisition_service)
-            selection = acquire(self.strategy, self.model, self.pool, k, self.acquire_rng)
-            self.pool.next_round()
-            # the simulated annotator: the true labels of the chosen items, given through the pool
-            self.pool.label(selection.indices, self.bundle.train_targets[selection.indices])
-            chosen = [int(i) for i in selection.indices]
+        chosen, acquired_by, reason = self._acquire(r)
         return RoundResult(
             round=r,
             labelled=len(labelled),
@@ -372,6 +463,9 @@ class ActiveLearningRun:
             chosen=chosen,
             per_class=dict(score.per_class),
             details={**score.details, **self.task.label_summary(self.pool.labels_of(labelled))},
+            acquired_by=acquired_by,
+            reason=reason,
+            start=self._start if r == 0 else None,
         )
 
     # -- files --------------------------------------------------------------------------

@@ -7,7 +7,10 @@ A run folder (``OUT/<strategy slug>/seed-<seed>``) holds:
   :data:`RESUME_IGNORED`). The rest is informational and never compared (:data:`INFORMATIONAL`: the saal
   version, the task, the metric, the strategy's resolved options and ``repr``, the seed streams), so that a
   later saal, whose strategies gained options or whose records gained fields, still resumes the folder.
-- ``rounds.json`` (one row per round; the metric stored under its name, e.g. ``accuracy``) and ``rounds.csv``.
+- ``rounds.json`` (one row per round; the metric stored under its name, e.g. ``accuracy``; which strategy made the
+  round's acquisition and why, ``acquired_by`` and ``reason``; round 0's ``start``: how the initial set was chosen)
+  and ``rounds.csv`` (the same but ``start``, ``per_class`` and ``details``). Rows written before saal recorded
+  ``acquired_by`` lack it and are written back as they were.
 - ``checkpoint.pt``: everything needed to continue; ``model.pt`` once finished.
 
 Every file is written atomically (a temporary file, then a rename), so a run killed at any moment leaves
@@ -41,7 +44,20 @@ RUN_KEYS = ("strategy", "seed")
 # The metric a folder without a ``metric`` field (written by saal 0.1.0, classification only) stores.
 DEFAULT_METRIC = "accuracy"
 # The fields of a round row other than its metric.
-ROW_KEYS = ("round", "labelled", "train_seconds", "acquire_seconds", "chosen", "per_class", "details")
+ROW_KEYS = (
+    "round",
+    "labelled",
+    "train_seconds",
+    "acquire_seconds",
+    "chosen",
+    "acquired_by",
+    "reason",
+    "start",
+    "per_class",
+    "details",
+)
+# The columns that say which strategy made each round's acquisition and why (rows of older saal lack them).
+ACQUISITION_FIELDS = ("acquired_by", "reason")
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -60,8 +76,14 @@ def run_folder(out: str | os.PathLike[str], spec: str, seed: int) -> Path:
 
 
 def round_fields(metric: str = DEFAULT_METRIC) -> tuple[str, ...]:
-    """Return the columns of ``rounds.csv`` for a run that stores ``metric`` (classification: ``accuracy``)."""
+    """Return the columns of ``rounds.csv`` for a run that stores ``metric`` (classification: ``accuracy``), less
+    :data:`ACQUISITION_FIELDS` (which follow when the rows record them)."""
     return ("round", "labelled", metric, "train_seconds", "acquire_seconds", "chosen")
+
+
+def records_acquisition(rows: Iterable[Mapping[str, Any]]) -> bool:
+    """Return whether any of ``rows`` records who made its acquisition (``acquired_by``; older rows do not)."""
+    return any("acquired_by" in row for row in rows)
 
 
 ROUND_FIELDS = round_fields()
@@ -239,13 +261,17 @@ def write_config(folder: Path, record: Mapping[str, Any]) -> None:
 
 
 def rounds_csv(rows: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> str:
-    """Return ``rounds.csv``'s text: :func:`round_fields` columns, floats with 6 decimals, chosen space-separated."""
-    fields = round_fields(metric)
-    lines = [",".join(fields)]
+    """Return ``rounds.csv``'s text: :func:`round_fields` columns, then ``acquired_by`` and ``reason`` when a row
+    records them (empty in rows that do not), floats with 6 decimals, chosen space-separated; a value holding a
+    comma or a quote is quoted as CSV does."""
+    fields = round_fields(metric) + (ACQUISITION_FIELDS if records_acquisition(rows) else ())
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(fields)
     for row in rows:
-        values = [row[f] if f != "chosen" else " ".join(map(str, row[f])) for f in fields]
-        lines.append(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in values))
-    return "\n".join(lines) + "\n"
+        values = [row.get(f, "") if f != "chosen" else " ".join(map(str, row[f])) for f in fields]
+        writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in values])
+    return text.getvalue()
 
 
 def write_rounds(folder: Path, rows: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> None:
@@ -305,14 +331,16 @@ def read_rounds(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_summary(out: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Path:
-    """Write ``OUT/results.csv``: one row per (strategy, seed, round), the metric under its name.
+    """Write ``OUT/results.csv``: one row per (strategy, seed, round), the metric under its name, and who made the
+    round's acquisition and why where the rows record it (empty for rows of older runs).
 
     Returns:
         The path written.
     """
     path = Path(out) / "results.csv"
     text = io.StringIO(newline="")
-    fields = ["strategy", "seed", *round_fields(metric_of_rows(rows))[:-1]]
+    extra = list(ACQUISITION_FIELDS) if records_acquisition(rows) else []
+    fields = ["strategy", "seed", *round_fields(metric_of_rows(rows))[:-1], *extra]
     writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

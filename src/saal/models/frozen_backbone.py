@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from saal.core.progress import Progress
 from saal.core.scan import batches
 from saal.data.base import ArrayDataset, DatasetBundle
 from saal.data.feature_cache import cached, dataset_fingerprint
@@ -221,14 +222,13 @@ def extract_features(
 ) -> torch.Tensor:
     """Return ``extractor``'s features of every item of ``dataset``, in order (float32, on the CPU).
 
-    Items are read ``batch_size`` at a time (never the whole dataset at once).
+    Items are read ``batch_size`` at a time (never the whole dataset at once), with progress named ``desc``
+    (:mod:`saal.core.progress`).
     """
-    from tqdm import tqdm
-
     n = len(dataset)  # type: ignore[arg-type]
     device = next(extractor.buffers()).device
     out: torch.Tensor | None = None
-    with tqdm(total=n, desc=desc, unit="img", disable=None, leave=False) as bar:
+    with Progress(n, desc, "img") as bar:
         for batch in batches(dataset, np.arange(n), batch_size):
             with torch.inference_mode():
                 f = extractor(torch.as_tensor(batch.inputs).to(device, torch.float32)).float().cpu()

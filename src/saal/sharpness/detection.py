@@ -12,6 +12,12 @@ trainable parameters, from that image's gradient ``g``:
 and the perturbed loss ``l(x, yhat; w + eps)``. Weights are restored from a saved copy (bit-exact), never by
 subtracting ``eps``.
 
+Nothing of this is detection's own but the fused two-pass path for FCOS and RetinaNet: an image is scored by the
+engine's per-item path through the task seam (:func:`saal.sharpness.engine.item_terms`: the task's pseudo
+targets and per-image loss), the step is the engine's :func:`~saal.sharpness.engine.ascent_step`, the pool is
+scored by :func:`~saal.sharpness.engine.pool_terms` into a :class:`~saal.sharpness.engine.PoolSharpness`, whose
+``score`` is the one every SAAL strategy ranks by.
+
 An image with no confident detection has empty pseudo targets: its loss is the detector's loss for "nothing
 here" (for FCOS and RetinaNet a background-only classification loss, large under a model that is unsure; for
 SSD zero). No NaN arises: torchvision's losses divide by at least one foreground.
@@ -34,10 +40,22 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from saal.core.model_state import model_device, preserved
-from saal.core.scan import Batch, scan
 from saal.errors import SaalError
 from saal.models.detectors import Lite0FPN
-from saal.sharpness.engine import NORM_EPS, PERTURBATIONS, check_option, check_rho
+from saal.sharpness.engine import (
+    NORM_EPS,
+    PERTURBATIONS,
+    PoolSharpness,
+    SharpnessTerms,
+    ascent_step,
+    check_option,
+    check_rho,
+    filled,
+    item_terms,
+    perturbed_in_place,
+    pool_terms,
+    trainable,
+)
 from saal.tasks.detection import Detection, Target, confident, fixed_randomness, image_loss, loss_mode, sum_losses
 
 
@@ -51,89 +69,31 @@ class ImageTerms:
     pseudo: Target
 
 
-@dataclass
-class DetectionSharpness:
-    """Per-image SAAL terms over a pool's candidates (float64 arrays in ``indices`` order) and pseudo targets."""
-
-    indices: np.ndarray
-    loss: np.ndarray
-    perturbed_loss: np.ndarray
-    grad_norm: np.ndarray
-    pseudo: list[Target]
-
-    def score(self, kind: str = "max") -> np.ndarray:
-        """Return the ``"max"`` (perturbed loss), ``"diff"`` (perturbed minus loss) or ``"loss"`` score.
-
-        Raises:
-            SaalError: any other ``kind``.
-        """
-        if kind == "max":
-            return self.perturbed_loss.copy()
-        if kind == "diff":
-            return self.perturbed_loss - self.loss
-        if kind == "loss":
-            return self.loss.copy()
-        raise SaalError(f"score must be one of max, diff, loss; got {kind!r}")
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Return the parameters that are trained (``requires_grad``): the ones SAAL perturbs."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def model_dtype(model: nn.Module) -> torch.dtype:
     """Return the dtype of the model's first floating-point parameter (float32 without any)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def pseudo_targets(model: nn.Module, image: torch.Tensor, threshold: float) -> Target:
-    """Return one image's pseudo targets: its eval-mode detections scoring >= ``threshold`` with sides >= 1 px."""
-    model.eval()
-    with torch.no_grad():
-        return confident(model([image])[0], threshold)
-
-
-def ascent_step(
-    params: list[nn.Parameter], grads: list[torch.Tensor], rho: float, asam: bool
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Return one ascent step ``eps`` per parameter and ``||T g||`` (ASAM: ``T = |w|``; SAM: ``T = 1``)."""
-    total = torch.zeros((), dtype=grads[0].dtype if grads else torch.float64, device=grads[0].device if grads else None)
-    for p, g in zip(params, grads, strict=True):
-        total = total + (((p * p) if asam else 1.0) * g * g).sum()
-    norm = torch.sqrt(total)
-    scale = rho / (norm + NORM_EPS)
-    return [scale * ((p * p) if asam else 1.0) * g for p, g in zip(params, grads, strict=True)], norm
+def with_threshold(task: Detection | None, threshold: float) -> Detection:
+    """Return a detection task whose pseudo targets are the detections at least ``threshold`` confident: a copy
+    of ``task`` with that threshold, or a one-class task when none is given (pseudo targets and losses never
+    read the class names)."""
+    found = copy.copy(task) if task is not None else Detection(["object"])
+    found.score_threshold = threshold
+    return found
 
 
 def image_terms(
-    model: nn.Module, image: torch.Tensor, *, rho: float, asam: bool, threshold: float, perturb: bool = True
+    model: nn.Module, image: torch.Tensor, *, rho: float, asam: bool, task: Detection, perturb: bool = True
 ) -> ImageTerms:
-    """Return one image's SAAL terms; ``perturb=False`` gives the unperturbed loss alone (no gradient).
+    """Return one image's SAAL terms through the task seam (:func:`saal.sharpness.engine.item_terms`: the
+    task's pseudo targets and per-image loss, the engine's ascent step); ``perturb=False`` gives the
+    unperturbed loss alone (no gradient).
 
     The model's weights are restored bit-exactly; its modes are left in loss mode (the caller restores them).
     """
-    pseudo = pseudo_targets(model, image, threshold)
-    loss_mode(model)
-    params = trainable(model)
-    if not perturb or not params:
-        with torch.no_grad():
-            loss = float(image_loss(model, image, pseudo))
-        return ImageTerms(loss, loss, 0.0, pseudo)
-    with torch.enable_grad():
-        loss_t = image_loss(model, image, pseudo)
-        raw = torch.autograd.grad(loss_t, params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
-    with torch.no_grad():
-        eps, norm = ascent_step(params, grads, rho, asam)
-        saved = [p.detach().clone() for p in params]
-        try:
-            for p, e in zip(params, eps, strict=True):
-                p.add_(e)
-            perturbed = float(image_loss(model, image, pseudo))
-        finally:
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-    return ImageTerms(float(loss_t.detach()), perturbed, float(norm), pseudo)
+    t = item_terms(model, [image], task, rho=rho, asam=asam, perturb=perturb)
+    return ImageTerms(float(t.loss[0]), float(t.perturbed_loss[0]), float(t.grad_norm[0]), t.pseudo_label[0])
 
 
 def _dense_pass(det: Any, image: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor], list[torch.Tensor], list[int]]:
@@ -179,19 +139,15 @@ def fused_image_terms(model: nn.Module, image: torch.Tensor, *, rho: float, asam
         targets = [{"boxes": resize_boxes(pseudo["boxes"], original, batch.image_sizes[0]), "labels": pseudo["labels"]}]
         loss_t = sum_losses(_dense_loss(det, targets, head, anchors, levels))
         raw = torch.autograd.grad(loss_t, params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
     with torch.no_grad():
-        eps, norm = ascent_step(params, grads, rho, asam)
-        saved = [p.detach().clone() for p in params]
-        try:
-            for p, e in zip(params, eps, strict=True):
-                p.add_(e)
-            with fixed_randomness():
-                batch, head, anchors, levels = _dense_pass(det, image)
-                perturbed = float(sum_losses(_dense_loss(det, targets, head, anchors, levels)))
-        finally:
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+        eps, norm = ascent_step(params, filled(params, raw), rho, asam)
+
+    def perturbed_loss() -> float:
+        with fixed_randomness():
+            _, head, anchors, levels = _dense_pass(det, image)
+            return float(sum_losses(_dense_loss(det, targets, head, anchors, levels)))
+
+    perturbed = perturbed_in_place(params, eps, perturbed_loss)
     return ImageTerms(float(loss_t.detach()), perturbed, float(norm), pseudo)
 
 
@@ -204,12 +160,20 @@ def detection_terms(
     score_threshold: float = 0.5,
     perturb: bool = True,
     fused: bool | None = None,
+    task: Detection | None = None,
 ) -> list[ImageTerms]:
     """Return each image's SAAL terms (the model left exactly as found: weights, modes, gradients, buffers).
 
     Args:
+        score_threshold: the pseudo targets' threshold (it replaces ``task``'s).
+        perturb: False gives the unperturbed pseudo-label loss alone (no gradient).
         fused: score FCOS and RetinaNet detectors with :func:`fused_image_terms` (None: whenever they are one
             and there are trainable parameters; the values are the same).
+        task: the detection task whose pseudo targets and per-image loss score the other images (None: a
+            one-class task; neither depends on the class names).
+
+    Returns:
+        One :class:`ImageTerms` per image, in order.
 
     Raises:
         SaalError: a bad option value.
@@ -227,10 +191,8 @@ def detection_terms(
             return [
                 fused_image_terms(model, x.to(device, dtype), rho=rho, asam=asam, threshold=threshold) for x in images
             ]
-        return [
-            image_terms(model, x.to(device, dtype), rho=rho, asam=asam, threshold=threshold, perturb=perturb)
-            for x in images
-        ]
+        seam = with_threshold(task, threshold)
+        return [image_terms(model, x.to(device, dtype), rho=rho, asam=asam, task=seam, perturb=perturb) for x in images]
 
 
 def check_threshold(value: Any) -> float:
@@ -259,45 +221,41 @@ def pool_detection_sharpness(
     score_threshold: float | None = None,
     perturb: bool = True,
     batch_size: int = 8,
-) -> DetectionSharpness:
-    """Score ``dataset[indices]`` image by image (read ``batch_size`` at a time; scores do not depend on it).
+) -> PoolSharpness:
+    """Score ``dataset[indices]`` image by image (read ``batch_size`` at a time; scores do not depend on it),
+    through the engine's pool scoring (:func:`saal.sharpness.engine.pool_terms`).
 
     Args:
         score_threshold: the pseudo targets' threshold (default: the task's).
         perturb: False gives the unperturbed pseudo-label loss alone (SAAL without the perturbation).
 
     Returns:
-        A :class:`DetectionSharpness` in the order of ``indices``.
+        A :class:`~saal.sharpness.engine.PoolSharpness` in the order of ``indices``; its ``pseudo_label`` is an
+        object array of each image's pseudo boxes (dicts of ``boxes`` and ``labels``, on the CPU).
 
     Raises:
         SaalError: a bad option value, or a model that is not a detector.
     """
     threshold = task.score_threshold if score_threshold is None else score_threshold
-    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
-    pseudo: list[Target] = []
 
-    def score_batch(batch: Batch) -> dict[str, torch.Tensor]:
+    def batch_terms(images: list[torch.Tensor]) -> SharpnessTerms:
         terms = detection_terms(
-            model, batch.inputs, rho=rho, perturbation=perturbation, score_threshold=threshold, perturb=perturb
+            model,
+            images,
+            rho=rho,
+            perturbation=perturbation,
+            score_threshold=threshold,
+            perturb=perturb,
+            task=task,
         )
-        pseudo.extend({k: v.cpu() for k, v in t.pseudo.items()} for t in terms)
-        return {
-            "loss": torch.tensor([t.loss for t in terms], dtype=torch.float64),
-            "perturbed_loss": torch.tensor([t.perturbed_loss for t in terms], dtype=torch.float64),
-            "grad_norm": torch.tensor([t.grad_norm for t in terms], dtype=torch.float64),
-        }
+        return SharpnessTerms(
+            torch.tensor([t.loss for t in terms], dtype=torch.float64),
+            torch.tensor([t.perturbed_loss for t in terms], dtype=torch.float64),
+            torch.tensor([t.grad_norm for t in terms], dtype=torch.float64),
+            [{k: v.cpu() for k, v in t.pseudo.items()} for t in terms],
+        )
 
-    found = scan(dataset, idx, score_batch, batch_size=batch_size, collate=task.collate)
-    if not found:
-        empty = np.empty(0, dtype=np.float64)
-        return DetectionSharpness(idx, empty, empty.copy(), empty.copy(), [])
-    return DetectionSharpness(
-        idx,
-        found["loss"].numpy(),
-        found["perturbed_loss"].numpy(),
-        found["grad_norm"].numpy(),
-        pseudo,
-    )
+    return pool_terms(dataset, indices, batch_terms, batch_size=batch_size, collate=task.collate)
 
 
 def naive_detection_terms(

@@ -9,12 +9,16 @@ first-order ascent step gives
 * ASAM: ``eps = rho * T^2 g / ||T g||`` with ``T = |w|`` (the norm over ALL parameters)
 
 and the perturbed loss ``l(f_{w + eps}(x), yhat)``. SAAL's "max" score is the perturbed loss,
-its "diff" score the perturbed minus the unperturbed loss.
+its "diff" score the perturbed minus the unperturbed loss (:meth:`PoolSharpness.score`, the one
+score of every task). The step is :func:`ascent_step` wherever whole parameters move (per batch,
+``torch.func``, detectors); the closed-form layer rules apply the same step layer by layer.
 
 The loss ``l``, the pseudo target and the forward pass come from a :class:`~saal.tasks.base.Task`
 (``forward``, ``pseudo_targets``, ``output_losses``); by default cross-entropy under the argmax
 (:class:`~saal.tasks.classification.Classification`). Only the last-layer closed form
-(``softmax - onehot``) is classification math.
+(``softmax - onehot``) is classification math. A task whose losses need the inputs rather than the
+outputs (a detector's) is scored one item at a time by :func:`item_terms`, through
+``Task.item_losses``; :func:`pool_terms` gathers any of them over a pool.
 
 The per-instance engine never copies the model. One forward pass records each layer's input;
 one backward pass of the summed losses gives each layer's output gradient for every instance at
@@ -64,6 +68,7 @@ PERTURBATIONS = ("asam", "sam")
 GRANULARITIES = ("per-instance", "per-batch")
 SCOPES = ("all", "last-layer")
 ENGINES = ("auto", "functional")
+SCORE_KINDS = ("max", "diff", "loss")
 NORM_EPS = 1e-12
 
 # The task used when none is given. The engine reads only its forward, pseudo targets (argmax) and
@@ -96,7 +101,8 @@ class PoolSharpness:
 
     ``pseudo_label`` holds the pseudo targets: for classification the int64 class indices; for a
     task whose pseudo targets are a tensor with one row per item, those rows; otherwise an object
-    array of the per-item targets (``None`` where the task's batch of targets is not a sequence).
+    array of the per-item targets (for detection each image's pseudo boxes, a dict of ``boxes`` and
+    ``labels``; ``None`` where the task's batch of targets is not a sequence).
     """
 
     indices: np.ndarray
@@ -106,7 +112,9 @@ class PoolSharpness:
     pseudo_label: np.ndarray
 
     def score(self, kind: str = "max") -> np.ndarray:
-        """Return SAAL's ``"max"`` (perturbed loss) or ``"diff"`` (perturbed minus loss) score.
+        """Return SAAL's score of each candidate, a new float64 array: ``"max"`` (the perturbed loss, the
+        paper's score), ``"diff"`` (perturbed minus unperturbed loss: the sharpness alone) or ``"loss"``
+        (the unperturbed loss under the pseudo targets: SAAL without the perturbation).
 
         Raises:
             SaalError: any other ``kind``.
@@ -115,7 +123,9 @@ class PoolSharpness:
             return self.perturbed_loss.copy()
         if kind == "diff":
             return self.perturbed_loss - self.loss
-        raise SaalError(f"score must be one of max, diff; got {kind!r}")
+        if kind == "loss":
+            return self.loss.copy()
+        raise SaalError(f"score must be one of {', '.join(SCORE_KINDS)}; got {kind!r}")
 
 
 def check_option(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -231,15 +241,41 @@ def pool_sharpness(
     """
     opts = Options.make(rho, perturbation, granularity, scope, engine)
     task = resolve_task(task, opts)
-    indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     device = model_device(model)
+
+    def batch_terms(inputs: Any) -> SharpnessTerms:
+        return _terms(model, task.to_device(inputs, device), opts, task)
+
+    with preserved(model):
+        return pool_terms(dataset, indices, batch_terms, batch_size=batch_size, collate=task.collate)
+
+
+def pool_terms(
+    dataset: Dataset,
+    indices: np.ndarray,
+    batch_terms: Callable[[Any], SharpnessTerms],
+    *,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+) -> PoolSharpness:
+    """Stream ``dataset[indices]`` through :func:`saal.core.scan.scan` (``collate`` makes each batch of up to
+    ``batch_size`` items) and gather ``batch_terms(batch inputs)`` of every batch: the one pool scoring of
+    every task's engine.
+
+    Pseudo targets that are a tensor with one row per item are gathered as rows; a sequence of one
+    target per item (e.g. detection's dicts of boxes) as an object array; anything else as ``None``.
+
+    Returns:
+        A :class:`PoolSharpness` in the order of ``indices`` (float64 losses and norms).
+    """
+    indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     # Pseudo targets that are not one tensor row per item (e.g. a list of per-item structures).
     other_targets = np.full(len(indices), None, dtype=object)
     done = 0
 
     def score_batch(batch: Batch) -> dict[str, torch.Tensor]:
         nonlocal done
-        t = _terms(model, task.to_device(batch.inputs, device), opts, task)
+        t = batch_terms(batch.inputs)
         out = {"loss": t.loss, "perturbed_loss": t.perturbed_loss, "grad_norm": t.grad_norm}
         targets = t.pseudo_label
         if isinstance(targets, torch.Tensor) and targets.dim() >= 1 and len(targets) == len(batch):
@@ -250,8 +286,7 @@ def pool_sharpness(
         done += len(batch)
         return out
 
-    with preserved(model):
-        found = scan(dataset, indices, score_batch, batch_size=batch_size, collate=task.collate)
+    found = scan(dataset, indices, score_batch, batch_size=batch_size, collate=collate)
     if not found:
         empty = np.empty(0, dtype=np.float64)
         return PoolSharpness(indices, empty, empty.copy(), empty.copy(), np.empty(0, dtype=np.int64))
@@ -430,6 +465,80 @@ def _scale(sq: torch.Tensor, rho: float) -> torch.Tensor:
     return rho / (torch.sqrt(sq) + NORM_EPS)
 
 
+# -- the ascent step ----------------------------------------------------------------------------
+def ascent_step(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float, asam: bool, *, per_item: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Return SAAL's one first-order ascent step from the gradients ``grads`` of ``params`` (same order, at
+    least one): ``eps = rho T^2 g / ||T g||`` per parameter (ASAM: ``T = |w|``, over all of ``params``; SAM:
+    ``T = 1``), and ``||T g||``.
+
+    With ``per_item``, every gradient has a leading item dimension (one gradient per item): each item gets
+    its own step and norm (``(items,)``). Every engine path that perturbs whole parameters (per batch,
+    ``torch.func``, the last layer per batch, detectors) takes this step.
+    """
+    pairs = list(zip(params, grads, strict=True))
+    reduce = row_sums if per_item else torch.sum
+    sq = tensor_sum(reduce((t2(p, asam) * g) * g) for p, g in pairs)
+    c = _scale(sq, rho)
+    return [(bcast(c, g) if per_item else c) * t2(p, asam) * g for p, g in pairs], torch.sqrt(sq)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Return the parameters that are trained (``requires_grad``): the ones SAAL perturbs."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def filled(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Return ``grads`` with zeros for the parameters the loss does not reach (``None`` from autograd)."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def perturbed_in_place(params: Sequence[torch.Tensor], eps: Sequence[torch.Tensor], loss: Callable[[], Any]) -> Any:
+    """Return ``loss()`` taken with ``eps`` added to ``params`` in place; the parameters are then restored
+    bit-exactly from a saved copy (never by subtracting ``eps``), also when ``loss`` raises."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        try:
+            for p, e in zip(params, eps, strict=True):
+                p.add_(e)
+            return loss()
+        finally:
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def item_terms(
+    model: nn.Module, inputs: Any, task: Task, *, rho: float, asam: bool, perturb: bool = True
+) -> SharpnessTerms:
+    """Return the terms of one item (``inputs``: a collated batch of one) through the task seam alone, for a
+    task whose losses need the inputs (:meth:`~saal.tasks.base.Task.item_losses`: a detector's).
+
+    The pseudo targets are ``task.pseudo_targets`` of the eval-mode ``task.forward``; the loss is
+    ``task.item_losses`` under them; the weights take the :func:`ascent_step` in place and are restored
+    bit-exactly. ``perturb=False`` gives the unperturbed loss alone (no gradient, a zero norm). The model is
+    left in the mode ``item_losses`` put it in: the caller restores it (:func:`preserved`).
+
+    Returns:
+        A :class:`SharpnessTerms` of one-element tensors, the task's pseudo targets as ``pseudo_label``.
+    """
+    model.eval()
+    with torch.no_grad():
+        targets = task_pseudo_targets(task, task.forward(model, inputs))
+    params = trainable(model)
+    if not perturb or not params:
+        with torch.no_grad():
+            loss = task.item_losses(model, inputs, targets).sum().reshape(1)
+        return SharpnessTerms(loss, loss, torch.zeros_like(loss), targets)
+    with torch.enable_grad():
+        loss = task.item_losses(model, inputs, targets).sum()
+        raw = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        eps, norm = ascent_step(params, filled(params, raw), rho, asam)
+    perturbed = perturbed_in_place(params, eps, lambda: task.item_losses(model, inputs, targets).sum())
+    return SharpnessTerms(loss.detach().reshape(1), perturbed.reshape(1), norm.reshape(1), targets)
+
+
 # -- last layer (classification only) -----------------------------------------------------------
 def _last_layer_terms(model: nn.Module, x: torch.Tensor, opts: Options) -> SharpnessTerms:
     head = last_linear(model)
@@ -450,16 +559,17 @@ def _last_layer_terms(model: nn.Module, x: torch.Tensor, opts: Options) -> Sharp
         use_w, use_b = w.requires_grad, b is not None and b.requires_grad
         if opts.per_batch:
             gw, gb = delta.T @ h / len(x), delta.mean(0)
-            sq = torch.zeros((), dtype=logits.dtype, device=logits.device)
-            if use_w:
-                sq = sq + ((t2(w, opts.asam) * gw) * gw).sum()
-            if use_b:
-                sq = sq + ((t2(b, opts.asam) * gb) * gb).sum()
-            c = _scale(sq, opts.rho)
-            w2 = w + c * t2(w, opts.asam) * gw if use_w else w
-            b2 = (b + c * t2(b, opts.asam) * gb if use_b else b) if b is not None else None
+            used = [(p, g) for p, g, use in ((w, gw, use_w), (b, gb, use_b)) if use and p is not None]
+            eps, sq_norm = (
+                ascent_step([p for p, _ in used], [g for _, g in used], opts.rho, opts.asam)
+                if used
+                else ([], logits.new_zeros(()))
+            )
+            steps = iter(eps)
+            w2 = w + next(steps) if use_w else w
+            b2 = (b + next(steps) if use_b else b) if b is not None else None
             perturbed_logits = F.linear(h, w2, b2)
-            norm = torch.sqrt(sq).expand(len(x))
+            norm = sq_norm.expand(len(x))
         else:
             sq = rank_one_sq(h, delta, w, b if use_b else None, use_w, opts.asam)
             c = _scale(sq, opts.rho)
@@ -480,13 +590,13 @@ def _per_batch_terms(model: nn.Module, x: Any, opts: Options, task: Task) -> Sha
         losses = task_losses(task, outputs, label, n)
         raw = torch.autograd.grad(losses.mean(), list(named.values()), allow_unused=True) if named else ()
     with torch.no_grad():
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(named.values(), raw, strict=True)]
-        total = sum(((t2(p, opts.asam) * g) * g).sum() for p, g in zip(named.values(), grads, strict=True))
-        sq = torch.as_tensor(total, dtype=losses.dtype, device=losses.device)
-        c = _scale(sq, opts.rho)
-        moved = {name: p.detach() + c * t2(p, opts.asam) * g for (name, p), g in zip(named.items(), grads, strict=True)}
+        params = list(named.values())
+        eps, norm = (
+            ascent_step(params, filled(params, raw), opts.rho, opts.asam) if named else ([], losses.new_zeros(()))
+        )
+        moved = {name: p.detach() + e for (name, p), e in zip(named.items(), eps, strict=True)}
         perturbed = task_losses(task, functional_forward(task, model)(moved, x), label, n)
-    return SharpnessTerms(losses.detach(), perturbed, torch.sqrt(sq).expand(n), label)
+    return SharpnessTerms(losses.detach(), perturbed, norm.expand(n), label)
 
 
 # -- torch.func over the whole model ------------------------------------------------------------
@@ -511,11 +621,10 @@ def _functional_terms(model: nn.Module, x: Any, opts: Options, task: Task) -> Sh
         xc, yc = take(x, slice(s, s + chunk)), take(label, slice(s, s + chunk))
         g = vmap(grad(instance_loss), in_dims=(None, 0, 0))(params, xc, yc)
         with torch.no_grad():
-            sq = tensor_sum(row_sums((t2(params[k], opts.asam) * g[k]) * g[k]) for k in params)
-            c = _scale(sq, opts.rho)
-            moved = {k: params[k] + bcast(c, g[k]) * t2(params[k], opts.asam) * g[k] for k in params}
+            eps, norm = ascent_step(list(params.values()), [g[k] for k in params], opts.rho, opts.asam, per_item=True)
+            moved = {k: params[k] + e for k, e in zip(params, eps, strict=True)}
             perturbed.append(vmap(instance_loss, in_dims=(0, 0, 0))(moved, xc, yc))
-            norms.append(torch.sqrt(sq))
+            norms.append(norm)
     return SharpnessTerms(loss, torch.cat(perturbed), torch.cat(norms), label)
 
 

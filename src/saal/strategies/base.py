@@ -17,6 +17,7 @@ from saal.pool import Pool
 from saal.tasks import Task, check_task_support
 
 if TYPE_CHECKING:
+    from saal.settings import TrainConfig
     from saal.training import TrainingHook
 
 
@@ -29,11 +30,15 @@ class Selection:
         scored_indices: every dataset index the strategy scored this round.
         scores: the score of each of ``scored_indices`` (same order); what the score means is
             in the strategy's docstring. Empty for strategies that score nothing.
+        reason: what the strategy did and why, in one line, where it has more to say than its name (e.g.
+            ``auto``'s choice: ``"margin: regime test 0.61 vs 0.55 over 3 repeats"``); empty otherwise. A
+            strategy that hands the choice to another one starts it with that one's name and a colon.
     """
 
     indices: np.ndarray
     scored_indices: np.ndarray
     scores: np.ndarray
+    reason: str = ""
 
 
 class Strategy(ABC):
@@ -52,6 +57,9 @@ class Strategy(ABC):
     name: ClassVar[str] = "strategy"
     #: The tasks (``Task.name``) this strategy can score; ``"*"`` for any task.
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    #: Whether the strategy can choose from zero labels, without a trained model (its choice does not rest on
+    #: what the model learned: random, typicality, coverage). Only such a strategy may pick a run's initial set.
+    cold_start: ClassVar[bool] = False
 
     def __init__(self, *, batch_size: int = 256, subset: int | None = None) -> None:
         if batch_size < 1:
@@ -77,7 +85,7 @@ class Strategy(ABC):
             generator: numpy generator or seed; the same one gives the same choice.
 
         Returns:
-            The :class:`Selection`: chosen indices and the scores behind them.
+            The :class:`Selection`: chosen indices, the scores behind them and the strategy's ``reason``.
 
         Raises:
             SaalError: if ``k`` is not in ``1 .. number of candidates``, or the strategy does not
@@ -91,7 +99,9 @@ class Strategy(ABC):
         chosen = np.asarray(sel.indices, dtype=np.int64)
         if len(chosen) != k or len(np.unique(chosen)) != k or pool.is_labelled(chosen).any():
             raise RuntimeError(f"{self.name} returned an invalid selection: {chosen[:10]}...")  # a bug, not input
-        return Selection(chosen, np.asarray(sel.scored_indices, dtype=np.int64), np.asarray(sel.scores))
+        return Selection(
+            chosen, np.asarray(sel.scored_indices, dtype=np.int64), np.asarray(sel.scores), str(sel.reason)
+        )
 
     def check_task(self, task: Task) -> None:
         """Raise a one-line error naming the strategies that can work on ``task`` when this one cannot.
@@ -125,6 +135,13 @@ class Strategy(ABC):
     def training_hook(self) -> TrainingHook | None:
         """Return a hook that trains something of the strategy's own beside the model, or None."""
         return None
+
+    def use_training(self, config: TrainConfig) -> None:
+        """Take the run's training settings, for a strategy that trains models of its own to decide (``auto``).
+
+        ``saal run`` calls it once, after building the strategy; the default ignores them.
+        """
+        del config
 
     def state_dict(self) -> dict[str, Any]:
         """Return what the strategy learned across rounds (for resuming a run); empty by default."""

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from saal.core.model_state import model_device
+from saal.core.progress import Progress
 from saal.core.row_store import MemoryRows, RowStore
 from saal.core.scan import Batch, scan, scan_rows
 from saal.core.selection import top_k
@@ -154,18 +155,20 @@ def k_center_greedy_rows(
         min_d = nearest_distances_rows(points, centres, device)
     picks = np.empty(k, dtype=np.int64)
     at_pick = np.empty(k, dtype=np.float64)
-    for t in range(k):
-        if min_d is None:
-            pick = int(rng.integers(n))
-            at_pick[t] = np.inf
-            min_d = torch.full((n,), float("inf"), dtype=points.dtype, device=device)
-        else:
-            pick = int(torch.argmax(min_d))  # first maximum: ties go to the smaller position
-            at_pick[t] = float(min_d[pick])
-        picks[t] = pick
-        centre = MemoryRows(points.read(pick, pick + 1).to(device).clone())  # an aligned copy, from any store
-        min_d = torch.minimum(min_d, nearest_distances_rows(points, centre, device))
-        min_d[pick] = -float("inf")  # never picked twice, even among duplicates
+    with Progress(k, "k-center greedy", "pick") as progress:
+        for t in range(k):
+            if min_d is None:
+                pick = int(rng.integers(n))
+                at_pick[t] = np.inf
+                min_d = torch.full((n,), float("inf"), dtype=points.dtype, device=device)
+            else:
+                pick = int(torch.argmax(min_d))  # first maximum: ties go to the smaller position
+                at_pick[t] = float(min_d[pick])
+            picks[t] = pick
+            centre = MemoryRows(points.read(pick, pick + 1).to(device).clone())  # an aligned copy, from any store
+            min_d = torch.minimum(min_d, nearest_distances_rows(points, centre, device))
+            min_d[pick] = -float("inf")  # never picked twice, even among duplicates
+            progress.update(1)
     assert min_d is not None  # k >= 1 picks made it a tensor
     final = min_d.double().cpu().numpy()
     final[picks] = at_pick

@@ -10,10 +10,12 @@ from saal.strategies.base import Selection, Strategy
 
 
 class RandomSampling(Strategy):
-    """Choose ``k`` candidates uniformly at random with the given generator. Scores nothing."""
+    """Choose ``k`` candidates uniformly at random with the given generator. Scores nothing; needs no labels
+    (``cold_start``)."""
 
     name = "random"
     tasks = ("*",)
+    cold_start = True
 
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
