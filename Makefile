@@ -5,7 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format clean
+# `make test-labelstudio`: the tests against a real Label Studio (the PyPI package, pinned below, in its own venv
+# .venv-labelstudio: its Django-era pins never touch .venv), started by the tests themselves.
+LS_VENV := .venv-labelstudio
+LABEL_STUDIO_VERSION := 1.23.2
+LS_STAMP := $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
+
+.PHONY: demo test test-fast lint format clean labelstudio-env test-labelstudio
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +33,17 @@ test: $(STAMP)
 test-fast: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet 'label-studio==$(LABEL_STUDIO_VERSION)'
+	touch $(LS_STAMP)
+
+labelstudio-env: $(LS_STAMP)
+
+test-labelstudio: $(STAMP) $(LS_STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m labelstudio tests/labelstudio
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -38,4 +55,4 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) runs .pytest_cache

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from saal.data import load_dataset
-from saal.models.detectors import FEATURE_CACHE, build_detector
+from saal.data.feature_cache import MEMORY_CACHE
+from saal.models.detectors import build_detector
 from saal.pool import Pool
 from saal.settings import TrainConfig
 from saal.sharpness.detection import detection_terms, naive_detection_terms
@@ -37,7 +38,7 @@ def timed(fn: Callable[[], Any], count: int, clear: bool) -> tuple[float, float]
     first if asked). CPU seconds (``time.process_time``) hardly change with what else runs on a shared machine;
     wall seconds do."""
     if clear:
-        FEATURE_CACHE.clear()
+        MEMORY_CACHE.clear()
     cpu, wall = time.process_time(), time.perf_counter()
     fn()
     return (time.process_time() - cpu) / count, (time.perf_counter() - wall) / count

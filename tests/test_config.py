@@ -85,6 +85,18 @@ def test_cpu_protocols_are_small_balanced_adam_reinit(name: str) -> None:
         assert r.dataset.startswith("folder:") and r.train.augment
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
+def test_regime_protocols_span_their_budgets_on_the_whole_pool_without_the_ground_truth(dataset: str) -> None:
+    low = load_experiment(CONFIGS / f"low-{dataset}-pretrained.yaml")
+    mid = load_experiment(CONFIGS / f"mid-{dataset}-pretrained.yaml")
+    assert (low.run.initial, low.run.query, low.run.rounds, len(low.seeds)) == (0, 10, 10, 10)  # 0 -> 100 by 10
+    assert (mid.run.initial, mid.run.query, mid.run.rounds, len(mid.seeds)) == (100, 100, 9, 5)  # 100 -> 1,000
+    assert mid.run.initial_strategy == "random" and low.run.initial_strategy is None
+    for spec in (low, mid):
+        assert spec.run.subset is None and spec.run.model == "pretrained-mlp" and spec.strategies[0] == "random"
+        assert {"typiclust", "probcover", "herding", "auto", "saal", "margin"} <= set(spec.strategies)
+
+
 def test_files_are_validated_by_the_settings_models_themselves(tmp_path: Path) -> None:
     """No second schema: a file's keys are the settings models' fields, nested the same way."""
     spec = validate({"strategies": ["random"], "seeds": [0], "run": {"train": {"epochs": 2}}})
@@ -242,10 +254,12 @@ def test_settings_keep_the_keyword_api_defaults_and_plain_dicts() -> None:
     data = spec.to_dict()
     assert list(data) == ["run", "strategies", "seeds", "out"]
     assert data["run"]["train"] == {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0,
-                                    "epochs": 3, "batch_size": 64, "augment": False, "sam_rho": 0.05}  # fmt: skip
+                                    "epochs": 3, "batch_size": 64, "augment": False, "sam_rho": 0.05, "tune": "none",
+                                    "tune_weight_decay": [0.0, 1e-4, 1e-3, 1e-2], "tune_epochs": None,
+                                    "tune_folds": 3}  # fmt: skip
     keys = ["dataset", "model", "initial", "initial_balanced", "initial_strategy", "query", "rounds", "reinit",
             "subset", "score_batch_size", "device", "data_dir", "dataset_options", "model_options",
-            "train"]  # fmt: skip
+            "train", "stop_when", "stop_threshold", "stop_window", "stop_set"]  # fmt: skip
     assert list(data["run"]) == keys
     assert ExperimentSpec(**data) == spec and RunConfig(**data["run"]) == spec.run
     assert ExperimentSpec().strategies == ["random", "entropy", "saal"] and ExperimentSpec().seeds == [0, 1, 2]

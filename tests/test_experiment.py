@@ -29,7 +29,8 @@ def test_two_round_run_on_digits(digits, tmp_path: Path) -> None:
     for name in ("config.json", "rounds.csv", "rounds.json", "checkpoint.pt", "model.pt"):
         assert (tmp_path / "r" / name).is_file()
     header = (tmp_path / "r" / "rounds.csv").read_text().splitlines()[0]
-    assert header == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason"
+    assert header == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason,kappa"
+    assert results[0].kappa is None and all(r.kappa is not None and -1 <= r.kappa <= 1 for r in results[1:])
     assert [r.acquired_by for r in results] == ["entropy", "entropy", ""]
     labelled = run.pool.labelled_indices()
     start = labelled[run.pool.round_labelled(labelled) == 0].tolist()

@@ -67,7 +67,7 @@ def kill_after(proc: subprocess.Popen, folder: Path, rounds: int, timeout: float
 def outcome(out: Path, strategy: str, seed: int) -> tuple[list, dict[str, torch.Tensor]]:
     folder = run_folder(out, strategy, seed)
     rows = [
-        (r["round"], r["labelled"], r["accuracy"], r["chosen"])
+        (r["round"], r["labelled"], r["accuracy"], r["chosen"], r["kappa"])
         for r in json.loads((folder / "rounds.json").read_text())
     ]
     return rows, torch.load(folder / "model.pt", weights_only=True)
@@ -162,7 +162,7 @@ def interrupted_after(round_index: int):
 
 
 def rows_of(results: list[experiment.RoundResult]) -> list[tuple]:
-    return [(r.round, r.labelled, r.accuracy, r.chosen) for r in results]
+    return [(r.round, r.labelled, r.accuracy, r.chosen, r.kappa) for r in results]
 
 
 def test_kill_between_rounds_file_and_checkpoint(digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,3 +71,17 @@ def test_0_1_0_folders_resume_to_the_rounds_of_an_uninterrupted_run(fixture_copy
         assert (fixture_copy / out / strategy / seed / "rounds.json").read_bytes() == text
     results = json.loads((fixture_copy / out / "results.json").read_text())
     assert len(results) == 2 * 4 and all("accuracy" in r for r in results)
+
+
+def test_a_resumed_0_1_0_run_gains_the_kappas_of_a_new_run(fixture_copy: Path) -> None:
+    """A 0.1.0 checkpoint holds no stopping rule: the stop set is drawn as a new run draws it and the first resumed
+    round is measured against the checkpoint's model, so the resumed rounds get the kappas of a run made today."""
+    assert main([*A, "--out", "digits"]) == 0
+    assert main([*A, "--out", "today"]) == 0
+    folder = Path("digits") / "saal_scope=last-layer" / "seed-7"
+    resumed = json.loads((folder / "rounds.json").read_text())
+    today = json.loads((Path("today") / "saal_scope=last-layer" / "seed-7" / "rounds.json").read_text())
+    assert ["kappa" in r for r in resumed] == [False, False, True, True]  # the 0.1.0 rows are written back as they were
+    assert [r["kappa"] for r in resumed[2:]] == [r["kappa"] for r in today[2:]]
+    lines = (folder / "rounds.csv").read_text().splitlines()
+    assert lines[0].endswith(",kappa") and lines[1].endswith(",") and not lines[3].endswith(",")

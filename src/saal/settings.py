@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, NonNegativeFloat, PositiveInt, field_validator
 
 from saal.errors import SaalError
 from saal.validation import Settings
@@ -85,6 +85,13 @@ class TrainConfig(Settings):
         batch_size: training batch size.
         augment: random crop (pad 4) and horizontal flip on each training batch.
         sam_rho: SAM's radius.
+        tune: ``none``, or ``cv``: each round the weight decay (and epochs) are chosen by ``tune_folds``-fold
+            cross-validation on the labelled items from the grid ``tune_weight_decay`` x ``tune_epochs``
+            (:mod:`saal.tuning`); ``weight_decay`` and ``epochs`` are then only used while too few items are
+            labelled to split.
+        tune_weight_decay: the weight decays tried, in order of preference (a tie keeps the earlier).
+        tune_epochs: the epoch counts tried (None: ``epochs`` only).
+        tune_folds: folds of the cross-validation.
     """
 
     optimizer: Literal["adam", "sgd", "sam"] = "adam"
@@ -95,6 +102,10 @@ class TrainConfig(Settings):
     batch_size: int = Field(default=64, ge=1)
     augment: bool = False
     sam_rho: float = Field(default=0.05, ge=0)
+    tune: Literal["none", "cv"] = "none"
+    tune_weight_decay: list[NonNegativeFloat] = Field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2], min_length=1)
+    tune_epochs: list[PositiveInt] | None = Field(default=None, min_length=1)
+    tune_folds: int = Field(default=3, ge=2)
 
 
 def _default_train() -> TrainConfig:
@@ -128,6 +139,13 @@ class RunConfig(Settings):
             frozen pretrained backbone (``image_size``, ``dropout``, ``hidden``; see
             :mod:`saal.models.frozen_backbone`).
         train: the training settings.
+        stop_when: ``none`` (run every round) or ``stable``: end the run early once the model's predictions on a
+            fixed stop set stabilise (:class:`saal.stopping.StabilisingPredictions`; classification only). The
+            kappa of every round is recorded either way.
+        stop_threshold: the kappa between successive models' predictions that counts as stable, in (0, 1].
+        stop_window: how many successive rounds the kappa must reach ``stop_threshold``, at least 1.
+        stop_set: the stop set's size, drawn (seeded) from the initially unlabelled pool (None: 1000, or the
+            whole initially unlabelled pool when smaller).
     """
 
     dataset: DatasetName = "digits"
@@ -145,6 +163,10 @@ class RunConfig(Settings):
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     model_options: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=_default_train)
+    stop_when: Literal["none", "stable"] = "none"
+    stop_threshold: float = Field(default=0.99, gt=0, le=1)
+    stop_window: int = Field(default=3, ge=1)
+    stop_set: int | None = Field(default=None, ge=1)
 
     @field_validator("initial_strategy")
     @classmethod

@@ -1,13 +1,17 @@
-"""Shared helpers of the ``saal label`` tests: generated image folders and real servers in subprocesses."""
+"""Shared helpers of the ``saal label`` tests: generated image folders, real servers in subprocesses, and a
+throwaway PostgreSQL cluster (Debian's server binaries, started for the test session, removed after it)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,3 +133,97 @@ def image_folder(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """A fresh folder of 40 generated 32x32 images and their true classes."""
     folder = tmp_path / "photos"
     yield folder, make_images(folder, 40)
+
+
+PG_HINT = "install them (Debian/Ubuntu: apt-get install postgresql; CI does) or point SAAL_TEST_PG_BIN at their folder"
+
+
+def postgres_bin() -> Path:
+    """Return the folder of PostgreSQL's ``initdb`` and ``pg_ctl``: ``$SAAL_TEST_PG_BIN``, the newest
+    ``/usr/lib/postgresql/*/bin`` (Debian), or ``PATH``.
+
+    Fails the test (never skips it) when there is none: the PostgreSQL tests are part of the suite.
+    """
+    given = os.environ.get("SAAL_TEST_PG_BIN")
+    candidates = [Path(given)] if given else []
+    debian = Path("/usr/lib/postgresql").glob("*/bin")
+    candidates += sorted(debian, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    on_path = shutil.which("initdb")
+    candidates += [Path(on_path).parent] if on_path else []
+    for folder in candidates:
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    pytest.fail(f"PostgreSQL server binaries (initdb, pg_ctl) not found: {PG_HINT}", pytrace=False)
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL cluster listening only on a unix socket in its own temporary folder."""
+
+    socket_dir: Path
+    port: int
+    version: str
+    counter: itertools.count = field(default_factory=itertools.count)
+
+    def url(self, database: str) -> str:
+        """Return the plain ``postgresql://`` URL of ``database`` (saal maps it to psycopg 3)."""
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def new_database(self) -> str:
+        """Create an empty database and return its URL."""
+        from sqlalchemy import create_engine, text
+
+        name = f"saal_test_{next(self.counter)}"
+        engine = create_engine(self.url("postgres").replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text(f"CREATE DATABASE {name}"))
+        finally:
+            engine.dispose()
+        return self.url(name)
+
+
+def _as_postgres(folder: Path) -> list[str]:
+    """Return the command prefix that runs PostgreSQL's binaries as a non-root user (the server refuses root)."""
+    if os.geteuid() != 0:
+        return []
+    import pwd
+
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.fail(f"running as root, PostgreSQL needs a 'postgres' user to run as: {PG_HINT}", pytrace=False)
+    if shutil.which("runuser") is None:
+        pytest.fail("running as root, the PostgreSQL tests need runuser (util-linux) to start it", pytrace=False)
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session (initdb + pg_ctl in a temporary folder, unix socket only)."""
+    binaries = postgres_bin()
+    root = Path(tempfile.mkdtemp(prefix="saal-pg-", dir="/tmp" if os.geteuid() == 0 else None))
+    prefix, data, port = _as_postgres(root), root / "data", 5432
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(args[:2])} failed: {done.stdout}{done.stderr}", pytrace=False)
+        return done.stdout
+
+    version = run(str(binaries / "pg_ctl"), "--version").strip()
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+    with open(data / "postgresql.conf", "a") as conf:  # a unix socket in the private folder: no port clash
+        conf.write(
+            f"listen_addresses = ''\nunix_socket_directories = '{root}'\nport = {port}\nmax_connections = 200\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+        )
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start")
+    try:
+        yield PostgresCluster(root, port, version)
+    finally:
+        subprocess.run(
+            [*prefix, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], check=False
+        )
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,11 +1,11 @@
-"""The label history, claims and exports, on a real SQLite database (no server)."""
+"""The label history, claims and exports (no server), on SQLite and on a real PostgreSQL (``postgres`` fixture)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -16,16 +16,26 @@ from saal.app.project import open_project
 from saal.app.status import snapshot
 from saal.errors import SaalError
 
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)]
 
-@pytest.fixture
-def project(image_folder):
+
+@pytest.fixture(params=BACKENDS)
+def project(request, image_folder):
+    """A project on 40 images whose labels are in SQLite (its own file) or in a fresh PostgreSQL database."""
     folder, _ = image_folder
-    return open_project(folder, classes=["red", "blue"])
+    url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    opened = open_project(folder, classes=["red", "blue"], url=url)
+    yield opened
+    opened.engine.dispose()
 
 
 def event_rows(project) -> list[tuple]:
-    with sqlite3.connect(project.state_dir / "labels.db") as conn:
-        return conn.execute("SELECT id, item_id, kind, label, annotator, undoes FROM events ORDER BY id").fetchall()
+    with db.read(project.engine) as conn:
+        e = db.events
+        rows = conn.execute(
+            db.select(e.c.id, e.c.item_id, e.c.kind, e.c.label, e.c.annotator, e.c.undoes).order_by(e.c.id)
+        )
+        return [tuple(r) for r in rows]
 
 
 def test_history_is_append_only_and_undo_restores_the_state_before(project):
@@ -51,22 +61,126 @@ def test_undo_refuses_when_someone_changed_the_image_since(project):
     engine, classes = project.engine, project.classes
     labels.record_label(engine, 1, "red", classes, "ana")
     labels.record_label(engine, 1, "blue", classes, "bo")
-    with pytest.raises(labels.Conflict, match="changed by bo"):
+    with pytest.raises(labels.Stale, match=r"it is labelled blue by bo at .*; it was not undone") as refused:
         labels.undo_last(engine, "ana", 60)
-    assert labels.item(engine, 1)["label"] == "blue"
+    assert refused.value.item_id == 1 and labels.item(engine, 1)["label"] == "blue"
 
 
 def test_a_repeated_request_is_recorded_once_and_bad_labels_are_refused(project):
     engine, classes = project.engine, project.classes
     first = labels.record_label(engine, 2, "red", classes, "ana", "req-1")
-    again = labels.record_label(engine, 2, "blue", classes, "ana", "req-1")
+    again = labels.record_label(engine, 2, "red", classes, "ana", "req-1")  # a double click, a retry
     assert again.repeated and again.event_id == first.event_id
+    # the same form sent again with another answer (the Back button, then another class): refused, not dropped
+    with pytest.raises(labels.Stale, match=r"already sent \(label red of \S+ by ana\)"):
+        labels.record_label(engine, 2, "blue", classes, "ana", "req-1")
+    with pytest.raises(labels.Stale, match="already sent"):  # the same nonce for another image
+        labels.record_label(engine, 3, "red", classes, "ana", "req-1")
     assert labels.item(engine, 2)["label"] == "red"
     with pytest.raises(SaalError, match="'green' is not a class"):
         labels.record_label(engine, 2, "green", classes, "ana")
     with pytest.raises(labels.NotFound):
         labels.record_label(engine, 999, "red", classes, "ana")
     assert len(event_rows(project)) == 1
+
+
+def test_a_stale_form_does_not_replace_a_newer_label(project):
+    engine, classes = project.engine, project.classes
+    shown = labels.item(engine, 4)["last_event"] or 0  # ana's page shows image 4, never labelled: version 0
+    labels.record_label(engine, 4, "blue", classes, "bo", expected_event=0)  # bo labels it first
+    stale = r"changed after your page was shown: it is labelled blue by bo at \d\d:\d\d:\d\d UTC; your red was not"
+    with pytest.raises(labels.Stale, match=stale) as refused:
+        labels.record_label(engine, 4, "red", classes, "ana", "req-a", expected_event=shown)
+    assert refused.value.item_id == 4
+    row = labels.item(engine, 4)
+    assert (row["label"], row["annotator"]) == ("blue", "bo") and len(labels.history(engine, 4)) == 1
+    labels.record_label(engine, 4, "red", classes, "ana", "req-b", expected_event=row["last_event"])  # seen: fine
+    assert labels.item(engine, 4)["label"] == "red"
+    labels.record_label(engine, 6, "red", classes, "bo")
+    with pytest.raises(labels.Stale, match=r"it is labelled red by bo .*; your skip was not saved"):
+        labels.record_skip(engine, 6, "ana", expected_event=0)
+    labels.undo_last(engine, "bo", 60)  # an undo: "unlabelled since an undo by bo"
+    labels.record_skip(engine, 6, "ana", expected_event=0)  # the page showed it unlabelled, as it is again
+    labels.undo_last(engine, "ana", 60)
+    with pytest.raises(labels.Stale, match="it is unlabelled since an undo by ana at"):
+        labels.record_label(engine, 6, "red", classes, "bo", expected_event=labels.history(engine, 6)[-2]["id"])
+
+
+def _while_another_transaction_changes(project, change, late) -> str:
+    """Run ``late()`` in a thread while ``change(conn)`` holds its write transaction open for a second; return what
+    ``late`` ended with ("saved", or the message of the :class:`labels.Stale` it raised)."""
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            late()
+            outcome.append("saved")
+        except labels.Stale as error:
+            outcome.append(str(error))
+
+    with db.write(project.engine) as conn:
+        change(conn)
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive(), "the second transaction did not wait for the first"
+    thread.join(20)
+    return outcome[0]
+
+
+def test_a_label_waiting_for_the_item_sees_the_label_committed_before_it(project):
+    """Two pages showed image 7 unlabelled; bo's label commits while ana's waits (SQLite's write lock, PostgreSQL's
+    row lock): ana's gets a conflict, it never silently replaces bo's."""
+    engine, classes = project.engine, project.classes
+    outcome = _while_another_transaction_changes(
+        project,
+        lambda conn: labels._label_in(conn, 7, "blue", "bo", None, "label", time.time(), 0),
+        lambda: labels.record_label(engine, 7, "red", classes, "ana", expected_event=0),
+    )
+    assert "it is labelled blue by bo" in outcome
+    row = labels.item(engine, 7)
+    assert (row["label"], row["annotator"]) == ("blue", "bo") and len(labels.history(engine, 7)) == 1
+
+
+def test_an_undo_waiting_for_the_item_never_undoes_a_newer_label(project):
+    engine, classes = project.engine, project.classes
+    labels.record_label(engine, 8, "red", classes, "ana")
+    outcome = _while_another_transaction_changes(
+        project,
+        lambda conn: labels._label_in(conn, 8, "blue", "bo", None, "label", time.time()),
+        lambda: labels.undo_last(engine, "ana", 60),
+    )
+    assert "it is labelled blue by bo" in outcome and "not undone" in outcome
+    row = labels.item(engine, 8)
+    assert (row["state"], row["label"], row["annotator"]) == (db.LABELLED, "blue", "bo")
+
+
+def test_concurrent_annotators_never_get_the_same_image(project):
+    engine, classes = project.engine, project.classes
+    names, rounds = [f"p{i}" for i in range(4)], 5
+    barrier = threading.Barrier(len(names))
+    labelled: dict[str, list[int]] = {}
+    errors: list[str] = []
+
+    def annotate(name: str) -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            try:
+                item = claims.claim_next(engine, name, 60)
+                assert item is not None and claims.claim_next(engine, name, 60).id == item.id  # renewed, kept
+                labels.record_label(engine, item.id, "red", classes, name, expected_event=item.last_event or 0)
+                labelled.setdefault(name, []).append(item.id)
+            except Exception as error:  # a Stale here means two people were shown the same image
+                errors.append(f"{name}: {error!r}")
+
+    threads = [threading.Thread(target=annotate, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    ids = [i for got in labelled.values() for i in got]
+    assert len(ids) == len(names) * rounds == len(set(ids)) == len(event_rows(project))
 
 
 def test_claims_give_each_annotator_a_different_image_and_expire(project):

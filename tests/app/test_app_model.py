@@ -94,6 +94,59 @@ def test_an_update_commits_a_new_version_ranking_and_then_measures_it(project):
     assert measured.quality == second.quality and measured.quality_n == 6
 
 
+def test_an_update_saves_its_weights_and_writes_its_ranking_without_holding_the_write_lock(project, monkeypatch):
+    """The weights are saved with the database free, and the ranking is written a few rows per write transaction,
+    so a label or a claim waits for a moment at most (never for the whole ranking)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from saal.app import order
+
+    def lock_is_free() -> bool:
+        other = sqlite3.connect(project.state_dir / "labels.db", timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.rollback()
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+
+    saved_with_lock_free: list[bool] = []
+    real_save = torch.save
+
+    def save(*args, **kwargs):
+        saved_with_lock_free.append(lock_is_free())
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ranking.torch, "save", save)
+    monkeypatch.setattr(order, "ORDER_CHUNK", 5)
+    commits: list[int] = []
+    event.listen(project.engine, "commit", lambda conn: commits.append(1))
+    cache, items = cached_rows(project)
+    rows, _ = cache.ensure(items, len(items))
+    label_truth(project, 8)
+    commits.clear()
+    done = ranking.update(
+        project.engine,
+        kind="cnn",
+        rows=rows,
+        classes=project.classes,
+        strategy="entropy",
+        seed=0,
+        models_dir=project.state_dir / "models",
+        snap=ranking.take_snapshot(project.engine, project.classes),
+    )
+    assert done.version == 1 and saved_with_lock_free == [True]
+    assert (project.state_dir / "models" / "v1.pt").is_file() and not list((project.state_dir / "models").glob("*.tmp"))
+    assert len(commits) >= 32 // 5 + 1  # the ranking's chunks, then the version
+    with db.read(project.engine) as conn:
+        after = conn.execute(db.items.select().where(db.items.c.state == db.UNLABELLED)).all()
+    assert sorted(r.priority for r in after) == [(32 - k) / 32 for k in range(32)][::-1]
+
+
 @pytest.mark.parametrize("spec", ["coreset", "random", "badge", "saal[scope=last-layer]", "typiclust", "auto"])
 def test_every_kind_of_strategy_orders_every_candidate(project, spec, monkeypatch):
     monkeypatch.setattr(ranking, "MAX_NON_TOPK", 5)  # non-top-k strategies choose 5, the rest follow

@@ -72,6 +72,16 @@ BAD_RUN = [
     (["--set", "run.train.lr=0"], "run.train.lr: must be > 0"),
     (["--set", "run.train.momentum=1.5"], "run.train.momentum: must be < 1"),
     (["--config", "/nonexistent/protocol.yaml"], "config /nonexistent/protocol.yaml: no such file"),
+    (["--stop-when", "soon"], "--stop-when: must be one of 'none' or 'stable', got 'soon'"),
+    (["--stop-threshold", "0"], "--stop-threshold: must be > 0, got 0"),
+    (["--stop-threshold", "-0.5"], "--stop-threshold: must be > 0, got -0.5"),
+    (["--stop-threshold", "1.01"], "--stop-threshold: must be <= 1, got 1.01"),
+    (["--stop-threshold", "nan"], "--stop-threshold: must be a finite number, got nan"),
+    (["--stop-window", "0"], "--stop-window: must be >= 1, got 0"),
+    (["--stop-window", "1.5"], "--stop-window: invalid int value"),
+    (["--stop-set", "0"], "--stop-set: must be >= 1, got 0"),
+    (["--stop-set", "1328"], "--stop-set: 1328 items is larger than the initially unlabelled pool (1327 items)"),
+    (["--stop-when", "stable", "--stop-set", "5000"], "--stop-set: 5000 items is larger"),
 ]
 
 
@@ -120,6 +130,12 @@ BAD_KEYS = [
     ({"run": {"train": {"weight_decay": -1}}}, "run.train.weight_decay: must be >= 0, got -1"),
     ({"run": {"train": {"sam_rho": float("inf")}}}, "run.train.sam_rho: must be a finite number, got inf"),
     ({"run": {"train": {"augment": "sometimes"}}}, "run.train.augment: must be true or false"),
+    ({"run": {"stop_when": "soon"}}, "run.stop_when: must be one of 'none' or 'stable', got 'soon'"),
+    ({"run": {"stop_threshold": 0}}, "run.stop_threshold: must be > 0, got 0"),
+    ({"run": {"stop_threshold": 2}}, "run.stop_threshold: must be <= 1, got 2"),
+    ({"run": {"stop_window": 0}}, "run.stop_window: must be >= 1, got 0"),
+    ({"run": {"stop_set": 0}}, "run.stop_set: must be >= 1, got 0"),
+    ({"run": {"stop_set": 99999}}, "--stop-set: 99999 items is larger than the initially unlabelled pool"),
 ]
 
 

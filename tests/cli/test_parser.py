@@ -111,7 +111,7 @@ def test_a_broken_subcommand_registration_propagates(monkeypatch: pytest.MonkeyP
 
 
 def test_every_subcommand_is_registered() -> None:
-    assert set(_subparsers(build_parser())) == {"run", "score", "analyze", "report", "label"}
+    assert set(_subparsers(build_parser())) == {"run", "score", "analyze", "report", "label", "label-studio"}
 
 
 def test_interrupt_is_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

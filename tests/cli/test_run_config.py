@@ -109,7 +109,7 @@ def test_cli_starts_from_zero_labels_with_a_chosen_first_picker(saal: Callable, 
     config = json.loads((folder / "config.json").read_text())
     assert (config["initial"], config["initial_strategy"]) == (0, "random")
     lines = (folder / "rounds.csv").read_text().splitlines()
-    assert lines[0] == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason"
+    assert lines[0] == "round,labelled,accuracy,train_seconds,acquire_seconds,chosen,acquired_by,reason,kappa"
     rounds = json.loads((folder / "rounds.json").read_text())
     assert [(r["labelled"], r["acquired_by"]) for r in rounds] == [(0, "random"), (5, "margin"), (10, "")]
     assert rounds[0]["reason"] == "initial_strategy: the first pick, from zero labels"

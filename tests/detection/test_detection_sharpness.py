@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from saal.data import load_dataset
-from saal.models.detectors import FEATURE_CACHE, build_detector
+from saal.data.feature_cache import MEMORY_CACHE
+from saal.models.detectors import build_detector
 from saal.sharpness.detection import detection_terms, naive_detection_terms, pool_detection_sharpness
 
 
@@ -35,7 +36,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("perturbation", ["asam", "sam"])
 def test_the_engine_equals_the_naive_definition_in_float64(images: list[torch.Tensor], perturbation: str) -> None:
     model = small_detector()
-    FEATURE_CACHE.clear()
+    MEMORY_CACHE.clear()
     terms = detection_terms(model, images, perturbation=perturbation, score_threshold=0.05)
     naive = naive_detection_terms(model, images, perturbation=perturbation, score_threshold=0.05)
     assert [len(t.pseudo["boxes"]) > 0 for t in terms] == [True] * len(images)  # real pseudo boxes were scored
@@ -44,7 +45,7 @@ def test_the_engine_equals_the_naive_definition_in_float64(images: list[torch.Te
         assert abs(t.loss - loss) <= 1e-9 and abs(t.perturbed_loss - perturbed) <= 1e-9
         assert (t.loss, t.perturbed_loss) == (u.loss, u.perturbed_loss)  # two passes give what three give
         assert t.perturbed_loss > t.loss  # an ascent step raises the loss
-    assert FEATURE_CACHE.hits > 0  # the engine used cached backbone features; the naive copies did not
+    assert MEMORY_CACHE.hits > 0  # the engine used cached backbone features; the naive copies did not
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@ An annotator's next image is the one they already hold (its claim is renewed), e
 nobody holds (or whose claim expired), claimed in one atomic ``UPDATE ... WHERE id = (SELECT ... LIMIT 1)
 RETURNING``: two annotators asking at the same moment never get the same image. Unlabelled images come first by
 the model's priority, then skipped ones. A label, a skip or an expired claim frees the image.
+
+Every page load claims, so a claim waits only :data:`CLAIM_BUSY_SECONDS` for the database (then
+:class:`saal.app.db.Busy`, a 503): a held write lock never ties up a web worker for long.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from sqlalchemy import Engine, and_, or_, select
 
 from saal.app import db
 
+CLAIM_BUSY_SECONDS = 2.0
+
 
 @dataclass
 class Claimed:
@@ -27,6 +32,7 @@ class Claimed:
         state: unlabelled or skipped.
         predicted, confidence: the current model's guess for it, when there is one.
         picked_by: what placed it in the queue: a strategy's name, ``random`` or ``audit`` (a random check image).
+        last_event: its latest history row when claimed (the version a form sends back; None: no history).
     """
 
     id: int
@@ -35,15 +41,22 @@ class Claimed:
     predicted: str | None
     confidence: float | None
     picked_by: str | None = None
+    last_event: int | None = None
 
 
-def claim_next(engine: Engine, annotator: str, seconds: float, now: float | None = None) -> Claimed | None:
-    """Return the image ``annotator`` should label now, claimed for ``seconds``; None when none is left."""
+def claim_next(
+    engine: Engine, annotator: str, seconds: float, now: float | None = None, *, busy: float = CLAIM_BUSY_SECONDS
+) -> Claimed | None:
+    """Return the image ``annotator`` should label now, claimed for ``seconds``; None when none is left.
+
+    Raises:
+        saal.app.db.Busy: the database stayed locked for ``busy`` seconds.
+    """
     now = time.time() if now is None else now
     it = db.items
-    cols = (it.c.id, it.c.path, it.c.state, it.c.predicted, it.c.confidence, it.c.picked_by)
+    cols = (it.c.id, it.c.path, it.c.state, it.c.predicted, it.c.confidence, it.c.picked_by, it.c.last_event)
     open_ = and_(it.c.readable.is_(True), it.c.state.in_((db.UNLABELLED, db.SKIPPED)))
-    with db.write(engine, durable=False) as conn:
+    with db.write(engine, durable=False, busy=busy) as conn:
         held = conn.execute(
             it.update()
             .where(
@@ -78,12 +91,13 @@ def claim_next(engine: Engine, annotator: str, seconds: float, now: float | None
 
 
 def _claimed(row: Any) -> Claimed:
-    return Claimed(int(row.id), str(row.path), int(row.state), row.predicted, row.confidence, row.picked_by)
+    last = None if row.last_event is None else int(row.last_event)
+    return Claimed(int(row.id), str(row.path), int(row.state), row.predicted, row.confidence, row.picked_by, last)
 
 
-def release(engine: Engine, annotator: str) -> None:
+def release(engine: Engine, annotator: str, *, busy: float = CLAIM_BUSY_SECONDS) -> None:
     """Free every image ``annotator`` holds (they left, or asked for another)."""
-    with db.write(engine) as conn:
+    with db.write(engine, busy=busy) as conn:
         conn.execute(
             db.items.update().where(db.items.c.claimed_by == annotator).values(claimed_by=None, claim_until=None)
         )

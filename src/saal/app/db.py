@@ -1,7 +1,13 @@
 """The labelling database: its tables, how it is opened, and write transactions.
 
 SQLite in WAL mode in the project folder by default (readers never wait for the writer; ``synchronous=FULL``, so
-a committed label survives a killed process and a power cut), or any SQLAlchemy URL (PostgreSQL) by option.
+a committed label survives a killed process and a power cut), or PostgreSQL by option (a plain ``postgresql://``
+URL uses psycopg 3, which the ``app`` extra installs; the label, skip and undo transactions lock the item's row with
+``SELECT ... FOR UPDATE``).
+
+A write that waits longer than its ``busy`` seconds for the lock (SQLite's write lock, a PostgreSQL row lock)
+raises :class:`Busy`, which the server answers with 503 and ``Retry-After``: the web requests wait a few seconds,
+the model job the default :data:`BUSY_SECONDS`.
 
 Tables:
 
@@ -54,9 +60,17 @@ from sqlalchemy import (  # noqa: E402  (after the one-line "install saal[app]" 
     make_url,
     select,
 )
-from sqlalchemy.exc import NoSuchModuleError, OperationalError  # noqa: E402
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError  # noqa: E402
 
 SCHEMA_VERSION = 2
+BUSY_SECONDS = 60.0  # how long a write waits for the lock by default (the model job; web requests wait less)
+RETRY_AFTER = 5  # seconds, the ``Retry-After`` of a 503 answered when the database is busy
+_BUSY_SQLSTATES = ("55P03", "40P01", "40001")  # PostgreSQL: lock timeout, deadlock, serialization failure
+
+
+class Busy(SaalError):
+    """The database stayed locked by another writer for longer than the request may wait (HTTP 503)."""
+
 
 UNLABELLED, LABELLED, SKIPPED = 0, 1, 2  # the values of saal.core.pool_state.ItemState
 
@@ -159,6 +173,8 @@ def redacted(url: str) -> str:
 def connect(url: str) -> Engine:
     """Return an engine on ``url``; SQLite gets WAL mode, full sync, a busy timeout and explicit transactions.
 
+    A plain ``postgresql://`` (or ``postgres://``) URL is opened with psycopg 3 (``postgresql+psycopg://``).
+
     Raises:
         SaalError: a malformed URL, a driver that is not installed, or a database that cannot be opened.
     """
@@ -166,16 +182,21 @@ def connect(url: str) -> Engine:
         parsed = make_url(url)
     except Exception:
         raise SaalError(f"--db: {url!r} is not a database URL; give e.g. postgresql://user@host/db") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
     sqlite = parsed.get_backend_name() == "sqlite"
     try:
         if sqlite:
             engine = create_engine(
-                url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=16, max_overflow=32
+                parsed,
+                connect_args={"timeout": BUSY_SECONDS, "check_same_thread": False},
+                pool_size=16,
+                max_overflow=32,
             )
             event.listen(engine, "connect", _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=32)
+            engine = create_engine(parsed, pool_pre_ping=True, pool_size=8, max_overflow=32)
         with engine.connect() as conn:
             conn.execute(select(1))
     except NoSuchModuleError:
@@ -195,7 +216,6 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
 
 
@@ -205,6 +225,7 @@ def _sqlite_begin(conn: Connection) -> None:
     # to disk at commit (FULL); claims, which nobody entered, are not (NORMAL: WAL still keeps them across a
     # killed process, and the next FULL commit syncs them too), which halves the disk syncs per label.
     options = conn.get_execution_options()
+    conn.exec_driver_sql(f"PRAGMA busy_timeout={int(1000 * options.get('busy', BUSY_SECONDS))}")
     if options.get("write"):
         conn.exec_driver_sql(f"PRAGMA synchronous={'FULL' if options.get('durable', True) else 'NORMAL'}")
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -212,23 +233,53 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def is_busy(error: DBAPIError) -> bool:
+    """Return whether ``error`` says that a lock was not granted in time (SQLite's "database is locked", a
+    PostgreSQL lock timeout, deadlock or serialization failure): trying again later may succeed."""
+    if getattr(error.orig, "sqlstate", None) in _BUSY_SQLSTATES:
+        return True
+    message = str(error.orig or error).lower()
+    return isinstance(error, OperationalError) and ("database is locked" in message or "database is busy" in message)
+
+
 @contextmanager
-def write(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
+def write(engine: Engine, *, durable: bool = True, busy: float | None = None) -> Iterator[Connection]:
     """Yield a connection inside one write transaction, committed at the end (rolled back on an exception).
 
     ``durable=False`` (SQLite): the commit survives a killed process but is not synced to disk on its own.
+
+    Raises:
+        Busy: the write lock (SQLite) or a row lock (PostgreSQL) was not granted within ``busy`` seconds
+            (default :data:`BUSY_SECONDS`).
     """
-    with engine.connect() as conn:
-        conn = conn.execution_options(write=True, durable=durable)
-        with conn.begin():
-            yield conn
+    seconds = BUSY_SECONDS if busy is None else busy
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(write=True, durable=durable, busy=seconds)
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(1000 * seconds))}")
+                yield conn
+    except DBAPIError as error:
+        if is_busy(error):
+            raise Busy(f"the database is busy (another write holds it); try again in {RETRY_AFTER} s") from None
+        raise
 
 
 @contextmanager
 def read(engine: Engine) -> Iterator[Connection]:
-    """Yield a connection inside one read transaction (a consistent snapshot)."""
-    with engine.connect() as conn, conn.begin():
-        yield conn
+    """Yield a connection inside one read transaction (a consistent snapshot).
+
+    Raises:
+        Busy: the database stayed locked (rare in WAL mode: a reader waits only while it is being recovered).
+    """
+    try:
+        with engine.connect() as conn, conn.begin():
+            yield conn
+    except DBAPIError as error:
+        if is_busy(error):
+            raise Busy(f"the database is busy; try again in {RETRY_AFTER} s") from None
+        raise
 
 
 def get_meta(conn: Connection, key: str, default: str | None = None) -> str | None:

@@ -6,8 +6,11 @@
 * ``cnn``: the image's pixels at a small side (uint8), for the small CNN of :mod:`saal.models` trained from scratch
   (the fallback when the ``pretrained`` extra or its weights are missing).
 
-The cache is a ``.npy`` file of one row per item id plus a ``done`` mask, written chunk by chunk: a killed job
-keeps what it finished. Its name holds the weights' fingerprint and the side, so other weights or sizes never mix.
+The rows are kept by the one feature cache (:class:`saal.data.feature_cache.RowCache`) in the project's state folder:
+one row per item id, keyed by the model kind, the weights' fingerprint, the side and the pixel mapping (so other
+weights or sizes never mix), each row checked by a checksum and tied to its image file's size and modification time.
+Only new or changed images are decoded, chunk by chunk: a killed job keeps what it finished. A project cached by an
+earlier saal (``features-KIND-SIDE-TAG.npy`` and its ``-done.npy`` mask) keeps its rows (one line says so).
 Images are resized to a square (squashed, not cropped: nothing at the borders is cut away).
 """
 
@@ -21,10 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from saal.data.feature_cache import RowCache
 from saal.errors import SaalError
 
-CHUNK = 64
 CNN_MAX_SIDE = 64
+# How images become the pixels an extractor encodes (part of the cache key: a change here is a new cache).
+PIXELS = "PIL RGB, squashed to side x side (bilinear), uint8"
 
 
 def decode(path: Path, side: int) -> np.ndarray:
@@ -99,7 +104,7 @@ def _pretrained(image_size: int) -> Extractor:
 
 
 class FeatureCache:
-    """Rows of features per item id, cached in ``folder``; grows when items are added.
+    """The rows of ``extractor`` per item id of a project, in the one feature cache in ``folder``.
 
     Args:
         folder: the project's state folder.
@@ -108,35 +113,24 @@ class FeatureCache:
 
     def __init__(self, folder: Path, extractor: Extractor) -> None:
         self.extractor = extractor
-        stem = f"features-{extractor.kind}-{extractor.side}-{extractor.tag}"
-        self.path = folder / f"{stem}.npy"
-        self.done_path = folder / f"{stem}-done.npy"
-
-    def _open(self, size: int) -> tuple[np.memmap, np.ndarray]:
-        done = np.load(self.done_path) if self.done_path.exists() and self.path.exists() else np.zeros(0, bool)
-        rows = np.lib.format.open_memmap(self.path, mode="r+") if done.size else None
-        if rows is None or len(rows) < size:
-            grown = np.lib.format.open_memmap(
-                self.path.with_suffix(".tmp.npy"),
-                mode="w+",
-                dtype=self.extractor.dtype,
-                shape=(size, *self.extractor.row_shape),
-            )
-            if rows is not None:
-                grown[: len(rows)] = rows
-                del rows
-            grown.flush()
-            del grown
-            self.path.with_suffix(".tmp.npy").replace(self.path)
-            done = np.concatenate([done, np.zeros(size - len(done), dtype=bool)])
-            self._save_done(done)
-            rows = np.lib.format.open_memmap(self.path, mode="r+")
-        return rows, done
-
-    def _save_done(self, done: np.ndarray) -> None:
-        tmp = self.done_path.with_suffix(".tmp.npy")
-        np.save(tmp, done)
-        tmp.replace(self.done_path)  # atomic: a killed job leaves the old mask or the new one
+        side = extractor.side
+        key = {
+            "app": "saal label",
+            "kind": extractor.kind,
+            "weights": extractor.tag,
+            "image_size": side,
+            "pixels": PIXELS,
+        }
+        legacy = folder / f"features-{extractor.kind}-{extractor.side}-{extractor.tag}"
+        self.rows = RowCache(
+            folder,
+            key,
+            extractor.row_shape,
+            extractor.dtype,
+            prefix=f"features-{extractor.kind}-{extractor.side}px",
+            legacy=(legacy.with_name(legacy.name + ".npy"), legacy.with_name(legacy.name + "-done.npy")),
+        )
+        self.path = self.rows.path
 
     def ensure(
         self,
@@ -144,7 +138,7 @@ class FeatureCache:
         size: int,
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[np.ndarray, dict[int, str]]:
-        """Compute the rows of ``items`` (id, file) that are not cached yet.
+        """Compute the rows of ``items`` (id, file) that are not cached yet, or whose file changed.
 
         Args:
             items: the readable items.
@@ -153,25 +147,20 @@ class FeatureCache:
 
         Returns:
             The rows (a read-only memory map, ``size`` rows) and ``{id: why}`` for images that failed to decode.
+
+        Raises:
+            SaalError: the state folder cannot be written.
         """
-        rows, done = self._open(size)
-        todo = [(i, p) for i, p in items if not done[i]]
-        failed: dict[int, str] = {}
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            decoded, ids = [], []
-            for item_id, path in chunk:
-                try:
-                    decoded.append(decode(path, self.extractor.side))
-                    ids.append(item_id)
-                except SaalError as error:
-                    failed[item_id] = str(error)
-            if ids:
-                rows[np.asarray(ids)] = self.extractor.encode(np.stack(decoded))
-                rows.flush()
-                done[np.asarray(ids)] = True
-                self._save_done(done)
-            if progress is not None:
-                progress(min(start + CHUNK, len(todo)), len(todo))
-        del rows
-        return np.load(self.path, mmap_mode="r"), failed
+        return self.rows.ensure(items, size, self.compute, progress)
+
+    def compute(self, chunk: list[tuple[int, Path]]) -> tuple[list[int], np.ndarray, dict[int, str]]:
+        """Decode and encode the images of ``chunk``; return the ids done, their rows and ``{id: why}`` of the rest."""
+        decoded, ids, failed = [], [], {}
+        for item_id, path in chunk:
+            try:
+                decoded.append(decode(path, self.extractor.side))
+                ids.append(item_id)
+            except SaalError as error:
+                failed[item_id] = str(error)
+        rows = self.extractor.encode(np.stack(decoded)) if decoded else np.empty((0, *self.extractor.row_shape))
+        return ids, rows, failed

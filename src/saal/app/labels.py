@@ -2,8 +2,14 @@
 
 Each call is one write transaction that appends the history row and updates the item's current state from it,
 so the two never disagree, even when the process is killed between two calls. A ``request_id`` (a form's nonce)
-makes a call idempotent: the same request sent twice is recorded once. A label given on the page to a random
-check image is recorded as an audit label (``events.audit``; see :mod:`saal.app.order`).
+makes a call idempotent: the same request sent twice is recorded once; sent again with another payload (the
+browser's Back button, then another class) it is refused (:class:`Stale`). A form also carries the item's version
+as it was shown (``expected_event``: its ``last_event``, 0 for none): when someone changed the item since, the call
+is refused with who did what, instead of silently replacing a newer label. Undo refuses likewise when the image
+was changed since the label it would undo. The item's row is read ``FOR UPDATE`` (a row lock on PostgreSQL;
+SQLite's write lock already serialises writers), so two concurrent calls never both act on the same old state.
+A label given on the page to a random check image is recorded as an audit label (``events.audit``; see
+:mod:`saal.app.order`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ class Conflict(SaalError):
     """The request does not fit the item's current state (HTTP 409)."""
 
 
+class Stale(Conflict):
+    """The form was sent before with another payload, or the item changed since the form was shown (HTTP 409).
+
+    Attributes:
+        item_id: the item concerned (the page links to its history).
+    """
+
+    def __init__(self, message: str, item_id: int) -> None:
+        super().__init__(message)
+        self.item_id = item_id
+
+
+LABEL_BUSY_SECONDS = 5.0  # a label, skip or undo waits this long for the database before a 503
+
+
 @dataclass
 class Recorded:
     """What a history call did.
@@ -42,18 +63,79 @@ class Recorded:
     repeated: bool = False
 
 
-def _repeat(conn: Connection, request_id: str | None) -> Recorded | None:
+@dataclass(frozen=True)
+class Payload:
+    """What a request asks for, compared with what a repeat of its ``request_id`` recorded.
+
+    Attributes:
+        kind: the history row's kind (label, skip, undo).
+        annotator: who sent it.
+        item_id, label: the item and label (None: not part of the request, e.g. an undo's item).
+    """
+
+    kind: str
+    annotator: str
+    item_id: int | None = None
+    label: str | None = None
+
+
+def _repeat(conn: Connection, request_id: str | None, payload: Payload | None = None) -> Recorded | None:
     if request_id is None:
         return None
-    row = conn.execute(select(db.events.c.id, db.events.c.item_id).where(db.events.c.request_id == request_id)).first()
-    return None if row is None else Recorded(int(row.id), int(row.item_id), True)
+    e = db.events
+    row = conn.execute(
+        select(e.c.id, e.c.item_id, e.c.kind, e.c.label, e.c.annotator).where(e.c.request_id == request_id)
+    ).first()
+    if row is None:
+        return None
+    if payload is not None and (
+        (row.kind, row.annotator) != (payload.kind, payload.annotator)
+        or payload.item_id not in (None, row.item_id)
+        or (payload.kind == "label" and row.label != payload.label)
+    ):
+        path = conn.execute(select(db.items.c.path).where(db.items.c.id == row.item_id)).scalar()
+        what = f"{row.kind} {row.label}" if row.label else str(row.kind)
+        raise Stale(
+            f"this form was already sent ({what} of {path} by {row.annotator}); it was not sent again with another "
+            "answer. Change the image from its history instead",
+            int(row.item_id),
+        )
+    return Recorded(int(row.id), int(row.item_id), True)
 
 
-def _item(conn: Connection, item_id: int) -> Any:
-    row = conn.execute(select(db.items).where(db.items.c.id == item_id)).first()
+def _item(conn: Connection, item_id: int, *, lock: bool = False) -> Any:
+    query = select(db.items).where(db.items.c.id == item_id)
+    row = conn.execute(query.with_for_update() if lock else query).first()
     if row is None:
         raise NotFound(f"there is no image {item_id} in this project")
     return row
+
+
+def _describe(conn: Connection, item: Any) -> str:
+    """Return how ``item`` stands and who changed it last, in words: "labelled blue by bo at 10:04:05 UTC"."""
+    e = db.events
+    last = conn.execute(
+        select(e.c.id, e.c.kind, e.c.annotator, e.c.at).where(e.c.item_id == item.id).order_by(e.c.id.desc()).limit(1)
+    ).first()
+    now = f"labelled {item.label}" if item.state == db.LABELLED else "skipped" if item.state == db.SKIPPED else ""
+    if last is None:
+        return now or "unlabelled"
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(float(last.at)))
+    who = last.annotator or "an import"
+    if now and last.id == item.last_event:
+        return f"{now} by {who} at {at}"
+    article = "an" if last.kind in ("undo", "import") else "a"
+    return f"{now or 'unlabelled'} since {article} {last.kind} by {who} at {at}"
+
+
+def _check_version(conn: Connection, item: Any, expected_event: int | None, wanted: str) -> None:
+    """Raise :class:`Stale` when ``item`` changed since the form showing it as ``expected_event`` was rendered."""
+    if expected_event is None or int(item.last_event or 0) == int(expected_event):
+        return
+    raise Stale(
+        f"{item.path} changed after your page was shown: it is {_describe(conn, item)}; {wanted} was not saved",
+        int(item.id),
+    )
 
 
 def _append(
@@ -88,27 +170,39 @@ def _append(
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
-def _guarded(engine: Engine, request_id: str | None, body: Any) -> Recorded:
-    """Run ``body(conn)`` in a write transaction unless ``request_id`` was recorded already."""
+def _guarded(engine: Engine, request_id: str | None, payload: Payload, body: Any, busy: float | None) -> Recorded:
+    """Run ``body(conn)`` in a write transaction unless ``request_id`` was recorded already (with this payload).
+
+    Raises:
+        Stale: ``request_id`` was recorded with another payload.
+    """
     try:
-        with db.write(engine) as conn:
-            seen = _repeat(conn, request_id)
+        with db.write(engine, busy=busy) as conn:
+            seen = _repeat(conn, request_id, payload)
             if seen is not None:
                 return seen
             recorded: Recorded = body(conn)
             return recorded
     except IntegrityError:  # PostgreSQL: the same request committed by a concurrent transaction
         with db.read(engine) as conn:
-            seen = _repeat(conn, request_id)
+            seen = _repeat(conn, request_id, payload)
         if seen is None:
             raise
         return seen
 
 
 def _label_in(
-    conn: Connection, item_id: int, label: str, annotator: str, request_id: str | None, kind: str, when: float
+    conn: Connection,
+    item_id: int,
+    label: str,
+    annotator: str,
+    request_id: str | None,
+    kind: str,
+    when: float,
+    expected_event: int | None = None,
 ) -> Recorded:
-    item = _item(conn, item_id)
+    item = _item(conn, item_id, lock=True)
+    _check_version(conn, item, expected_event, f"your {label}")
     if not item.readable:
         raise Conflict(f"image {item.path} cannot be read, so it cannot be labelled")
     audit = _is_audit_label(conn, item, kind)
@@ -174,8 +268,14 @@ def record_label(
     *,
     kind: str = "label",
     now: float | None = None,
+    expected_event: int | None = None,
+    busy: float | None = LABEL_BUSY_SECONDS,
 ) -> Recorded:
     """Label ``item_id`` (or relabel it: the earlier label stays in the history).
+
+    Args:
+        expected_event: the item's ``last_event`` when the form was shown (0: none); None: no check.
+        busy: how long to wait for the database (None: :data:`saal.app.db.BUSY_SECONDS`).
 
     Returns:
         The :class:`Recorded` history row.
@@ -183,19 +283,30 @@ def record_label(
     Raises:
         SaalError: ``label`` is not one of ``classes``.
         NotFound: no such item.
+        Stale: ``request_id`` was sent before with another label or item, or the item changed since
+            ``expected_event``.
         Conflict: the image is unreadable.
+        saal.app.db.Busy: the database stayed locked for ``busy`` seconds.
     """
     if label not in classes:
         raise SaalError(f"{label!r} is not a class of this project; use one of {', '.join(classes)}")
     when = time.time() if now is None else now
 
     def body(conn: Connection) -> Recorded:
-        return _label_in(conn, item_id, label, annotator, request_id, kind, when)
+        return _label_in(conn, item_id, label, annotator, request_id, kind, when, expected_event)
 
-    return _guarded(engine, request_id, body)
+    return _guarded(engine, request_id, Payload(kind, annotator, item_id, label), body, busy)
 
 
-def record_skip(engine: Engine, item_id: int, annotator: str, request_id: str | None = None) -> Recorded:
+def record_skip(
+    engine: Engine,
+    item_id: int,
+    annotator: str,
+    request_id: str | None = None,
+    *,
+    expected_event: int | None = None,
+    busy: float | None = LABEL_BUSY_SECONDS,
+) -> Recorded:
     """Set ``item_id`` aside: it comes back after every unlabelled image.
 
     Returns:
@@ -203,12 +314,15 @@ def record_skip(engine: Engine, item_id: int, annotator: str, request_id: str | 
 
     Raises:
         NotFound: no such item.
+        Stale: as :func:`record_label`.
         Conflict: the image is labelled already (undo or relabel it instead).
+        saal.app.db.Busy: the database stayed locked for ``busy`` seconds.
     """
     now = time.time()
 
     def body(conn: Connection) -> Recorded:
-        item = _item(conn, item_id)
+        item = _item(conn, item_id, lock=True)
+        _check_version(conn, item, expected_event, "your skip")
         if item.state == db.LABELLED:
             raise Conflict(f"image {item.path} is labelled already; relabel it from its history instead")
         event_id = _append(conn, item, kind="skip", label=None, annotator=annotator, request_id=request_id, now=now)
@@ -219,10 +333,17 @@ def record_skip(engine: Engine, item_id: int, annotator: str, request_id: str | 
         )
         return Recorded(event_id, item_id)
 
-    return _guarded(engine, request_id, body)
+    return _guarded(engine, request_id, Payload("skip", annotator, item_id), body, busy)
 
 
-def undo_last(engine: Engine, annotator: str, claim_seconds: float, request_id: str | None = None) -> Recorded:
+def undo_last(
+    engine: Engine,
+    annotator: str,
+    claim_seconds: float,
+    request_id: str | None = None,
+    *,
+    busy: float | None = LABEL_BUSY_SECONDS,
+) -> Recorded:
     """Undo ``annotator``'s latest label or skip that is not undone yet; the image is claimed for them again.
 
     The undo is a new history row; the item returns to the state it had before (unlabelled, skipped, or its
@@ -233,7 +354,8 @@ def undo_last(engine: Engine, annotator: str, claim_seconds: float, request_id: 
 
     Raises:
         NotFound: the annotator has nothing left to undo.
-        Conflict: someone changed that image since; fix it from its history instead.
+        Stale: someone changed that image since (their newer label is kept); fix it from its history instead.
+        saal.app.db.Busy: the database stayed locked for ``busy`` seconds.
     """
     now = time.time()
     e, u = db.events, db.events.alias("u")
@@ -248,10 +370,12 @@ def undo_last(engine: Engine, annotator: str, claim_seconds: float, request_id: 
         ).first()
         if target is None:
             raise NotFound(f"{annotator} has nothing to undo")
-        item = _item(conn, int(target.item_id))
+        item = _item(conn, int(target.item_id), lock=True)
         if item.last_event != target.id:
-            raise Conflict(
-                f"image {item.path} was changed by {item.annotator or 'someone'} since; fix it from its history"
+            raise Stale(
+                f"{item.path} changed after your {target.kind}: it is {_describe(conn, item)}; it was not undone "
+                "(change it from its history instead)",
+                int(item.id),
             )
         event_id = _append(
             conn, item, kind="undo", label=None, annotator=annotator, request_id=request_id, now=now, undoes=target.id
@@ -275,7 +399,7 @@ def undo_last(engine: Engine, annotator: str, claim_seconds: float, request_id: 
         )
         return Recorded(event_id, int(item.id))
 
-    return _guarded(engine, request_id, body)
+    return _guarded(engine, request_id, Payload("undo", annotator), body, busy)
 
 
 def history(engine: Engine, item_id: int) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,12 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 HEARTBEAT_SECONDS = 5.0
+
+# Trainers of other tasks than classification, by the project's ``task`` (settings): each trains, ranks and commits
+# one model version (as :func:`saal.app.ranking.update` does for classes) and returns what it did, in words. A module
+# that registers one runs this job through its own ``main`` (``saal label-studio``'s box job: detection).
+Trainer = Callable[[db.Engine, Settings, np.ndarray, Path, ranking.Snapshot], str]
+TRAINERS: dict[str, Trainer] = {}
 
 
 def set_job(engine: db.Engine, **values: str | float | int | None) -> None:
@@ -161,6 +167,10 @@ def _rank(
             f"no model yet (it needs labels of two classes and {settings.retrain_every} labels): "
             f"{settings.cold_start} chose the next {cold.chosen} of {cold.ranked} images in {cold.seconds:.1f} s"
         )
+    trainer = TRAINERS.get(settings.task)
+    if trainer is not None:
+        set_job(engine, state="training", message=f"training a {settings.task} model")
+        return trainer(engine, settings, rows, state_dir, snap)
     set_job(engine, state="training", message=f"training on {len(snap.labelled)} labels")
     done = ranking.update(
         engine,

@@ -10,7 +10,10 @@
   fixed seeded random order (:func:`audit_sequence`); the others in the order the ranking chose. When one kind runs
   out the other follows.
 * **Priorities.** An order of ``n`` images is written as priorities ``(n - position) / n`` (the queue shows the
-  highest first), with each image's ``picked_by``: the strategy that chose it, ``random`` or :data:`AUDIT`.
+  highest first), with each image's ``picked_by``: the strategy that chose it, ``random`` or :data:`AUDIT`. A new
+  ranking is written by :func:`write_order_chunked`: :data:`ORDER_CHUNK` rows per short write transaction, the top
+  of the new order first, so that it never holds the database's write lock for long (labels and claims go on in
+  between; for the moment of the write the rows not written yet keep their earlier priority).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from saal.app import db
 AUDIT = "audit"  # picked_by of a random check image
 RANDOM = "random"  # picked_by of an image in the seeded random order
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+ORDER_CHUNK = 2000  # rows of a ranking written per write transaction
 
 
 def unit_hash(seed: int, ids: np.ndarray, stream: int) -> np.ndarray:
@@ -118,7 +122,33 @@ def write_order(
     confidences: Sequence[float | None] | None = None,
 ) -> None:
     """Give the items of ``order`` the priorities ``(n - position) / n`` and their ``picked_by`` (and, when given,
-    the model's guess and its confidence)."""
+    the model's guess and its confidence), in the transaction of ``conn``."""
+    statement, params = _order_rows(order, picked_by, guesses, confidences)
+    for start in range(0, len(params), 5000):
+        conn.execute(statement, params[start : start + 5000])
+
+
+def write_order_chunked(
+    engine: Engine,
+    order: np.ndarray,
+    picked_by: Sequence[str],
+    guesses: Sequence[str | None] | None = None,
+    confidences: Sequence[float | None] | None = None,
+) -> None:
+    """Write what :func:`write_order` writes in :data:`ORDER_CHUNK`-row write transactions, the top of ``order``
+    first: each holds the write lock for a moment, whatever the number of images."""
+    statement, params = _order_rows(order, picked_by, guesses, confidences)
+    for start in range(0, len(params), ORDER_CHUNK):
+        with db.write(engine, durable=False) as conn:  # the final commit of the ranking syncs these too
+            conn.execute(statement, params[start : start + ORDER_CHUNK])
+
+
+def _order_rows(
+    order: np.ndarray,
+    picked_by: Sequence[str],
+    guesses: Sequence[str | None] | None,
+    confidences: Sequence[float | None] | None,
+) -> tuple[Any, list[dict[str, Any]]]:
     n = len(order)
     params = [{"item": int(i), "p": float((n - pos) / n), "by": picked_by[pos]} for pos, i in enumerate(order.tolist())]
     values: dict[str, Any] = {"priority": bindparam("p"), "picked_by": bindparam("by")}
@@ -126,10 +156,7 @@ def write_order(
         for pos, row in enumerate(params):
             row["guess"], row["conf"] = guesses[pos], confidences[pos]
         values.update(predicted=bindparam("guess"), confidence=bindparam("conf"))
-    for start in range(0, n, 5000):
-        conn.execute(
-            db.items.update().where(db.items.c.id == bindparam("item")).values(**values), params[start : start + 5000]
-        )
+    return db.items.update().where(db.items.c.id == bindparam("item")).values(**values), params
 
 
 def assign_audit(engine: Engine, seed: int, share: float) -> int:

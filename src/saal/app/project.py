@@ -3,23 +3,32 @@
 The project folder is the image folder itself; what ``saal label`` keeps lives in ``FOLDER/.saal-label/``:
 ``project.json`` (classes, strategies, audit share, model, the project's id), ``labels.db`` (the SQLite database,
 unless ``--db`` names another), ``secret`` (signs annotator sessions), ``features-*.npy`` (cached embeddings),
-``job.log`` (the model job's output) and ``server.lock`` (held by the running server).
+``job.log`` (the model job's output) and ``server.lock`` (held by the running server, readable by its owner only,
+removed when it stops). ``secret`` and ``server.lock`` are created with mode 0600.
 
 Images are the files below the folder, at any depth, with torchvision's image extensions, in sorted order of
 their relative paths; hidden folders are ignored. Each gets a stable id (its position when it was first seen;
-images added later get the next ids). A file whose header cannot be read is recorded as unreadable, with why.
+images added later get the next ids). A file whose header cannot be read is recorded as unreadable, with why (paths
+in the reason are relative to the folder). A symbolic link to a file is an image like any other, wherever the file
+lies (links to folders are not followed). A file whose name is not valid UTF-8 is recorded as unreadable under its
+name with the bad bytes written ``\\xNN``, and the reason says to rename it.
+
+A project that fails while it is being created (a scan, a database or an import error) is removed again
+(:meth:`Project.discard`): no half-made ``.saal-label/`` stays behind to refuse the next try.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
@@ -33,6 +42,7 @@ STATE_DIR = ".saal-label"
 SETTINGS_FILE = "project.json"
 SETTINGS_FORMAT = 1
 MODEL_KINDS = ("auto", "pretrained", "cnn")
+NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8) and restart saal label"
 _CLASS_NAME = re.compile(r"^[^\s,/\\][^,/\\]{0,63}$")
 
 try:
@@ -90,6 +100,8 @@ class Project:
         self.settings = settings
         self.url = url
         self.engine = db.connect(url)
+        self.fresh = False  # created by this open_project call (then discard() may remove it again)
+        self._state_before: set[str] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -104,28 +116,50 @@ class Project:
         write_settings(self.state_dir, self.settings)
 
     def resolve_image(self, relative: str) -> Path:
-        """Return the absolute path of the image ``relative`` if it lies inside the project folder.
+        """Return the absolute path of the image ``relative`` if it is written as a path below the project folder
+        (a symbolic link there is followed, as the scan offered it; see :func:`safe_path`).
 
         Raises:
-            SaalError: an absolute path, one that climbs out of the folder (``..``, a symbolic link leading out)
-                or into the state folder.
+            SaalError: an absolute path, one that climbs out of the folder (``..``) or into the state folder.
         """
         return safe_path(self.root, relative)
 
+    def discard(self) -> None:
+        """Remove what creating this project wrote: its state folder (or the files it added there) and, with
+        ``--db``, the tables it made (the database was empty, or creation would have been refused).
+
+        Does nothing for a project that existed before it was opened.
+        """
+        if not self.fresh:
+            return
+        if self.settings.database != "project":
+            with contextlib.suppress(Exception):  # best effort: the caller reports the first error
+                db.metadata.drop_all(self.engine)
+        self.engine.dispose()
+        if self._state_before is None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        elif self.state_dir.is_dir():
+            for entry in set(os.listdir(self.state_dir)) - self._state_before:
+                target = self.state_dir / entry
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        self.fresh = False
+
 
 def safe_path(root: Path, relative: str) -> Path:
-    """Return ``root / relative`` resolved, if it stays inside ``root`` and outside its state folder.
+    """Return ``root / relative`` (``root`` resolved), if the path names a file below ``root`` outside its state folder.
+
+    The check is on the path as written: a symbolic link below ``root`` is followed wherever it points, as the
+    scan offered it (the server serves only paths the scan recorded).
 
     Raises:
-        SaalError: an absolute path, a NUL byte, or a path that leads outside ``root`` or into ``.saal-label``.
+        SaalError: an absolute path, a NUL byte, a ``..`` part, or a path into ``.saal-label``.
     """
     if not relative or "\x00" in relative or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
         raise SaalError(f"{relative!r} is not a path inside the project folder")
-    base = root.resolve()
-    target = (base / relative).resolve()
-    if base not in target.parents or target.relative_to(base).parts[0] == STATE_DIR:
+    parts = PurePosixPath(relative).parts
+    if not parts or ".." in parts or parts[0] == STATE_DIR:
         raise SaalError(f"{relative!r} is not a path inside the project folder")
-    return target
+    return root.resolve().joinpath(*parts)
 
 
 def parse_classes(text: str) -> list[str]:
@@ -175,7 +209,10 @@ def write_settings(state_dir: Path, settings: Settings) -> None:
 
 
 def image_files(root: Path) -> list[str]:
-    """Return the relative (POSIX) paths of the images below ``root``, sorted; hidden folders are skipped."""
+    """Return the relative (POSIX) paths of the images below ``root``, sorted; hidden folders are skipped.
+
+    A name that is not valid UTF-8 keeps its bad bytes as surrogates (see :func:`stored_path`).
+    """
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -183,6 +220,19 @@ def image_files(root: Path) -> list[str]:
             if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
     return sorted(found)
+
+
+def stored_path(relative: str) -> tuple[str, str | None]:
+    """Return how the database records the scanned path ``relative``, and why it is unreadable (None: it is not).
+
+    A name that is not valid UTF-8 (its bad bytes are surrogates in ``relative``) cannot be stored as text: it is
+    recorded with those bytes written ``\\xNN`` and :data:`NOT_UTF8` as the reason.
+    """
+    try:
+        relative.encode("utf-8")
+        return relative, None
+    except UnicodeEncodeError:
+        return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), NOT_UTF8
 
 
 def check_header(path: Path) -> str | None:
@@ -241,6 +291,7 @@ def open_project(
         if value is not None:
             setattr(settings, key, value)
     _check_settings(settings)
+    before = set(os.listdir(state_dir)) if state_dir.is_dir() else None
     if url is None:
         if settings.database != "project":
             raise SaalError(
@@ -252,21 +303,32 @@ def open_project(
         settings.database = db.redacted(url)
     project = Project(root, settings, url)  # a bad --db, or another project's database, writes nothing
     db.check_owner(project.engine, settings.project_id, str(root), new=new)
-    state_dir.mkdir(exist_ok=True)
-    if new:
-        db.initialise(project.engine, settings.project_id, str(root))
-    else:
-        db.upgrade(project.engine)
-    secret = state_dir / "secret"
-    if not secret.exists():
-        secret.write_text(secrets.token_hex(32))
-        secret.chmod(0o600)
-    project.save_settings()
-    sync_items(project, files)
+    project.fresh, project._state_before = new, before
+    try:
+        _write(project, files)
+    except BaseException:
+        project.discard()  # a new project that fails half-way leaves nothing behind
+        raise
+    return project
+
+
+def _write(project: Project, files: list[str]) -> None:
     from saal.app.order import assign_audit
 
+    project.state_dir.mkdir(exist_ok=True)
+    settings = project.settings
+    if project.fresh:
+        db.initialise(project.engine, settings.project_id, str(project.root))
+    else:
+        db.upgrade(project.engine)
+    secret = project.state_dir / "secret"
+    if not secret.exists():
+        descriptor = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    project.save_settings()
+    sync_items(project, files)
     assign_audit(project.engine, settings.seed, settings.audit_share)
-    return project
 
 
 def _check_settings(settings: Settings) -> None:
@@ -303,7 +365,12 @@ def sync_items(project: Project, files: list[str]) -> int:
     with db.read(project.engine) as conn:
         known = {str(p) for p in conn.execute(select(db.items.c.path)).scalars()}
         next_id = int(conn.execute(select(func.coalesce(func.max(db.items.c.id) + 1, 0))).scalar_one())
-    fresh = [f for f in files if f not in known]
+    why: dict[str, str | None] = {}
+    for relative in files:
+        stored, reason = stored_path(relative)
+        if stored not in known and stored not in why:
+            why[stored] = reason or check_header(project.root / relative)
+    fresh = list(why)
     if not fresh:
         return 0
     seed, share = project.settings.seed, project.settings.audit_share
@@ -315,8 +382,10 @@ def sync_items(project: Project, files: list[str]) -> int:
     position[order - next_id] = np.arange(len(order))
     now = time.time()
     rows = []
+    prefix = f"{project.root}{os.sep}"
     for offset, relative in enumerate(fresh):
-        error = check_header(project.root / relative)
+        reason = why[relative]
+        error = reason.replace(prefix, "") if reason else None  # paths in reasons relative to the folder
         rows.append(
             {
                 "id": next_id + offset,
@@ -337,7 +406,11 @@ def sync_items(project: Project, files: list[str]) -> int:
 
 
 class ServerLock:
-    """The lock a running server holds on its project (``flock``: it dies with the process, even by SIGKILL)."""
+    """The lock a running server holds on its project (``flock``: it dies with the process, even by SIGKILL).
+
+    The file records the server's pid and address (with its access token), so it is created readable by its owner
+    only, and :meth:`release` removes it.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "server.lock"
@@ -349,23 +422,37 @@ class ServerLock:
         Raises:
             SaalError: another server holds it (the message gives its pid and address).
         """
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the server's lifetime
-        if fcntl is not None:
+        handle = self._locked()
+        try:
+            if hasattr(os, "fchmod") and os.fstat(handle.fileno()).st_mode & 0o077:  # left by an older saal
+                os.fchmod(handle.fileno(), 0o600)  # private before the token is written
+        except OSError:
+            handle.close()
+            raise SaalError(f"{self.path} is readable by others and cannot be made private; remove it") from None
+        self._handle = handle
+        self.record(address)
+
+    def _locked(self) -> IO[str]:
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # owner-only from the start
+            handle = os.fdopen(descriptor, "r+")
+            if fcntl is None:
+                return handle
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
                 raise SaalError(
                     f"another saal label server is running on this project ({holder}); open its address, "
                     "or stop it first"
                 ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}, {address}")
-        handle.flush()
-        self._handle = handle
+            try:  # the holder may have removed the file between our open and our flock: lock the current one
+                if os.stat(self.path).st_ino == os.fstat(descriptor).st_ino:
+                    return handle
+            except FileNotFoundError:
+                pass
+            handle.close()
 
     @property
     def held(self) -> bool:
@@ -381,7 +468,8 @@ class ServerLock:
             self._handle.flush()
 
     def release(self) -> None:
-        """Drop the lock."""
+        """Remove the lock file (it holds the access token) and drop the lock."""
         if self._handle is not None:
+            self.path.unlink(missing_ok=True)  # still locked: a server starting now locks a new file
             self._handle.close()
             self._handle = None

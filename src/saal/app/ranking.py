@@ -1,6 +1,7 @@
 """Ranking the queue: before any model, a cold-start selector on the cached embeddings; after, one model update
-(train on the current labels, score the unlabelled images with the project's strategy, commit the new ranking under
-a new model version in one transaction).
+(train on the current labels, score the unlabelled images with the project's strategy, write the new ranking in short
+write transactions, then commit the new model version in one). Training, scoring, saving the weights and writing the
+ranking's rows never hold the database's write lock for long: labels and claims go on meanwhile.
 
 The model is a small head (one hidden layer) on the cached pretrained embeddings, or the small CNN on the cached
 pixels (:mod:`saal.app.features`); both are plain :mod:`saal.models` classifiers trained by :func:`saal.training.fit`
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from saal.app import db
-from saal.app.order import AUDIT, RANDOM, audit_sequence, place, write_order
+from saal.app.order import AUDIT, RANDOM, audit_sequence, place, write_order_chunked
 from saal.errors import SaalError
 from saal.models import MLP, build_model
 from saal.pool import Pool
@@ -339,15 +341,16 @@ def cold_start(
     first = set(main[:k].tolist())
     name = parse_spec(spec)[0]
     seconds = time.perf_counter() - start
-    with db.write(engine) as conn:
+    with db.read(engine) as conn:
         if int(db.get_meta(conn, "current_version", "0") or 0) != 0:
             return ColdStart(k, len(main), seconds, False)
         order, is_audit, held = place(conn, main, audit_sequence(seed, snap.audit), audit_share, snap.last_event)
-        picked = [
-            held[i] or RANDOM if i in held else AUDIT if a else name if i in first else RANDOM
-            for i, a in zip(order.tolist(), is_audit.tolist(), strict=True)
-        ]
-        write_order(conn, order, picked)
+    picked = [
+        held[i] or RANDOM if i in held else AUDIT if a else name if i in first else RANDOM
+        for i, a in zip(order.tolist(), is_audit.tolist(), strict=True)
+    ]
+    write_order_chunked(engine, order, picked)  # short transactions: labels and claims go on meanwhile
+    with db.write(engine) as conn:
         now = time.time()
         for key, value in (("by", spec), ("chosen", k), ("event", snap.last_event), ("seconds", seconds)):
             db.set_meta(conn, f"cold_start_{key}", value)
@@ -470,16 +473,28 @@ def _commit(
     quality: float | None,
     quality_n: int,
 ) -> int:
-    """Save the model and commit its version row, the ranking, its check-image predictions and the previous
-    version's measured quality in one transaction; return the new version."""
+    """Save the model, write the ranking, then commit its version row, its check-image predictions and the previous
+    version's measured quality in one transaction; return the new version.
+
+    The weights are saved and the ranking's rows written (:func:`saal.app.order.write_order_chunked`) before that
+    transaction, so the write lock is never held while a file is written or thousands of rows are updated.
+    """
     name = parse_spec(str(row["kind"]))[0]
     tracked = [(int(i), guess[int(i)][0]) for i in checks[:MAX_AUDIT_TRACK]]
+    models_dir.mkdir(exist_ok=True)
+    tmp = models_dir / f"next-{os.getpid()}.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    with db.read(engine) as conn:
+        order, is_audit, held = place(conn, ordered.order, checks, audit_share, snap.last_event)
+    picked = [
+        held[i] or name if i in held else AUDIT if a else name
+        for i, a in zip(order.tolist(), is_audit.tolist(), strict=True)
+    ]
+    ids = order.tolist()
+    write_order_chunked(engine, order, picked, [guess[i][0] for i in ids], [guess[i][1] for i in ids])
     with db.write(engine) as conn:
         version = int(conn.execute(select(func.coalesce(func.max(db.models.c.version), 0))).scalar_one()) + 1
-        models_dir.mkdir(exist_ok=True)
-        tmp = models_dir / f"v{version}.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(models_dir / f"v{version}.pt")
+        tmp.replace(models_dir / f"v{version}.pt")  # a rename: the weights were written before the lock
         now = float(row["created_at"])
         conn.execute(db.models.insert().values(version=version, **row))
         if quality is not None:
@@ -488,13 +503,6 @@ def _commit(
                 .where(db.models.c.version == snap.version)
                 .values(quality=quality, quality_n=quality_n, quality_at=now)
             )
-        order, is_audit, held = place(conn, ordered.order, checks, audit_share, snap.last_event)
-        picked = [
-            held[i] or name if i in held else AUDIT if a else name
-            for i, a in zip(order.tolist(), is_audit.tolist(), strict=True)
-        ]
-        ids = order.tolist()
-        write_order(conn, order, picked, [guess[i][0] for i in ids], [guess[i][1] for i in ids])
         if tracked:
             conn.execute(
                 db.audit_predictions.insert(), [{"version": version, "item_id": i, "predicted": g} for i, g in tracked]

@@ -4,14 +4,22 @@ Pages: ``/`` (label the image SAAL ranks highest among those nobody holds), ``/l
 and fix labels), ``/items/{id}`` (an image's history, relabel), ``/unreadable``. Data: ``/image/{file}`` (files
 inside the project folder only), ``/export.csv`` and ``/export.json`` (streamed), ``/api/status``, ``/api/next``
 and ``/api/label`` (for scripts). Every change is a POST with a CSRF token (see :mod:`saal.app.security`).
-Errors are one line with their status code: 400 bad input, 401 no token, 403 refused, 404 unknown, 409 conflict.
+Errors are one line with their status code: 400 bad input, 401 no token, 403 refused, 404 unknown, 409 conflict
+(a form sent again with another answer, or about an image someone changed since it was shown: the page says who
+did what and links to the image's history), 503 with ``Retry-After`` when the database stays locked for a few
+seconds (another program writing to it).
+Numbers in requests are bounded (an item id fits the database's integer, a page of ``/labelled`` is at most
+:data:`MAX_PAGE`), and tokens, cookies and CSRF fields with any characters are compared as bytes: bad input is a 4xx
+with a reason, never a 500. ``/favicon.ico`` is the page icon (an SVG).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,7 +29,8 @@ from saal.extras import import_extra
 import_extra("fastapi", "app", "saal label")
 import_extra("jinja2", "app", "saal label")
 
-from fastapi import FastAPI, Form, Request  # noqa: E402
+from fastapi import FastAPI, Form, Query, Request  # noqa: E402
+from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import (  # noqa: E402
     FileResponse,
@@ -47,12 +56,20 @@ from saal.app.security import (  # noqa: E402
     check_name,
     host_allowed,
     same_origin,
+    same_secret,
 )
 from saal.app.status import snapshot  # noqa: E402
 from saal.errors import SaalError  # noqa: E402
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 48
+MAX_ID = 2**63 - 1  # the largest integer SQLite and PostgreSQL's BIGINT hold
+MAX_PAGE = 10**9
+FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="#1d2230"/>'
+    '<path d="M8 17l5 5 11-12" fill="none" stroke="#9fb6ff" stroke-width="4" stroke-linecap="round" '
+    'stroke-linejoin="round"/></svg>'
+)
 
 
 class Refused(SaalError):
@@ -63,7 +80,7 @@ def _when(seconds: float | None) -> str:
     if seconds is None:
         return "never"
     ago = max(0, int(time.time() - seconds))
-    stamp = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%H:%M:%S UTC")
+    stamp = datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"{stamp} ({ago} s ago)" if ago < 120 else f"{stamp} ({ago // 60} min ago)"
 
 
@@ -100,9 +117,7 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             auth = request.headers.get("authorization", "")
             offered = given or (auth[7:] if auth.lower().startswith("bearer ") else None)
             offered = offered or request.cookies.get(TOKEN_COOKIE)
-            import hmac
-
-            if not offered or not hmac.compare_digest(offered, token):
+            if not same_secret(offered, token):
                 return PlainTextResponse(
                     "this server needs its access token: open the address saal label printed (it ends in ?token=...)",
                     401,
@@ -123,12 +138,12 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         response.headers.setdefault("X-Frame-Options", "DENY")
         return response
 
-    def error_response(request: Request, status: int, message: str) -> Response:
-        if "text/html" in request.headers.get("accept", ""):
+    def error_response(request: Request, status: int, message: str, item: int | None = None) -> Response:
+        if "text/html" in request.headers.get("accept", "") and status != 503:
             return templates.TemplateResponse(
                 request,
                 "error.html",
-                {"message": message, "status": status, "name": _name(request)},
+                {"message": message, "status": status, "name": _name(request), "item_id": item},
                 status_code=status,
             )
         return PlainTextResponse(message, status)
@@ -136,8 +151,11 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
     @app.exception_handler(SaalError)
     async def saal_error(request: Request, error: SaalError) -> Response:
         status = 404 if isinstance(error, labels.NotFound) else 409 if isinstance(error, labels.Conflict) else 400
-        status = 403 if isinstance(error, Refused) else status
-        return error_response(request, status, str(error))
+        status = 403 if isinstance(error, Refused) else 503 if isinstance(error, db.Busy) else status
+        response = error_response(request, status, str(error), getattr(error, "item_id", None))
+        if status == 503:  # one plain line: the database is busy, so nothing else is read
+            response.headers["Retry-After"] = str(db.RETRY_AFTER)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> Response:
@@ -211,22 +229,27 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
     @app.post("/label")
     def label(
         request: Request,
-        item_id: int = Form(...),
+        item_id: int = Form(..., ge=0, le=MAX_ID),
         label: str = Form(...),
         csrf: str = Form(""),
         request_id: str | None = Form(None),
         next: str = Form("/"),
+        version: int | None = Form(None, ge=0, le=MAX_ID),  # the item's last_event as shown (409 if it changed)
     ) -> Response:
         name = require(request, csrf)
-        labels.record_label(engine, item_id, label, classes, name, request_id or None)
+        labels.record_label(engine, item_id, label, classes, name, request_id or None, expected_event=version)
         return RedirectResponse(_safe_next(next), 303)
 
     @app.post("/skip")
     def skip(
-        request: Request, item_id: int = Form(...), csrf: str = Form(""), request_id: str | None = Form(None)
+        request: Request,
+        item_id: int = Form(..., ge=0, le=MAX_ID),
+        csrf: str = Form(""),
+        request_id: str | None = Form(None),
+        version: int | None = Form(None, ge=0, le=MAX_ID),
     ) -> Response:
         name = require(request, csrf)
-        labels.record_skip(engine, item_id, name, request_id or None)
+        labels.record_skip(engine, item_id, name, request_id or None, expected_event=version)
         return RedirectResponse("/", 303)
 
     @app.post("/undo")
@@ -243,14 +266,16 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         return RedirectResponse(_safe_next(next), 303)
 
     @app.get("/items/{item_id}", response_class=HTMLResponse)
-    def item_page(request: Request, item_id: int) -> Response:
+    def item_page(request: Request, item_id: int = PathParam(..., ge=0, le=MAX_ID)) -> Response:
         row = labels.item(engine, item_id)
         events = labels.history(engine, item_id)
         context = {**common(request, _name(request)), "row": row, "events": events, "request_id": uuid.uuid4().hex}
         return templates.TemplateResponse(request, "item.html", context)
 
     @app.get("/labelled", response_class=HTMLResponse)
-    def labelled_page(request: Request, label: str = "", annotator: str = "", page: int = 1) -> Response:
+    def labelled_page(
+        request: Request, label: str = "", annotator: str = "", page: int = Query(1, le=MAX_PAGE)
+    ) -> Response:
         page = max(1, page)
         rows, total = labels.labelled_page(
             engine, label=label or None, annotator=annotator or None, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE
@@ -268,6 +293,7 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             "label": label,
             "annotator": annotator,
             "annotators": people,
+            "request_id": uuid.uuid4().hex,
             "here": str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
         }
         return templates.TemplateResponse(request, "labelled.html", context)
@@ -280,7 +306,14 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
                 .where(db.items.c.readable.is_(False))
                 .order_by(db.items.c.path)
             ).all()
-        return templates.TemplateResponse(request, "unreadable.html", {**common(request, _name(request)), "rows": rows})
+        prefix = f"{project.root}{os.sep}"  # reasons recorded before they were made relative
+        listed = [(r.path, (r.error or "").replace(prefix, "")) for r in rows]
+        context = {**common(request, _name(request)), "rows": listed}
+        return templates.TemplateResponse(request, "unreadable.html", context)
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/image/{file:path}")
     def image(file: str) -> Response:
@@ -329,6 +362,7 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             "predicted": claimed.predicted,
             "confidence": claimed.confidence,
             "picked_by": claimed.picked_by,
+            "version": claimed.last_event or 0,
         }
         return JSONResponse({"item": item, "csrf": signer.csrf(name)})
 
@@ -338,11 +372,15 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         try:
             body = await request.json()
             item_id, label, request_id = int(body["item_id"]), str(body["label"]), body.get("request_id")
-        except (ValueError, KeyError, TypeError):
+            version = None if body.get("version") is None else int(body["version"])
+            if not 0 <= item_id <= MAX_ID or not isinstance(request_id, str | None):
+                raise ValueError(item_id)
+        except (ValueError, KeyError, TypeError, OverflowError):
             raise SaalError('give a JSON body {"item_id": N, "label": "class", "request_id": "..."}') from None
         from starlette.concurrency import run_in_threadpool
 
-        recorded = await run_in_threadpool(labels.record_label, engine, item_id, label, classes, name, request_id)
+        record = partial(labels.record_label, expected_event=version)  # "version": as /api/next gave it (optional)
+        recorded = await run_in_threadpool(record, engine, item_id, label, classes, name, request_id)
         return JSONResponse({"event_id": recorded.event_id, "repeated": recorded.repeated})
 
     return app

@@ -49,10 +49,12 @@ class JobSupervisor:
         engine: the project's database (for the job's state and errors).
         state_dir: the project's state folder.
         url: the database URL, handed to the job in its environment.
+        module: the job's module, run as ``python -m MODULE --state-dir ... --parent PID`` (``saal label-studio``
+            runs its box job this way).
     """
 
-    def __init__(self, engine: Engine, state_dir: Path, url: str) -> None:
-        self.engine, self.state_dir, self.url = engine, state_dir, url
+    def __init__(self, engine: Engine, state_dir: Path, url: str, module: str = "saal.app.model_job") -> None:
+        self.engine, self.state_dir, self.url, self.module = engine, state_dir, url, module
         self.process: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="saal-model-job", daemon=True)
@@ -73,7 +75,7 @@ class JobSupervisor:
         self.started_at = time.time()
         log = open(self.state_dir / "job.log", "ab")  # noqa: SIM115 - handed to the child
         try:
-            cmd = [sys.executable, "-m", "saal.app.model_job", "--state-dir", str(self.state_dir)]
+            cmd = [sys.executable, "-m", self.module, "--state-dir", str(self.state_dir)]
             self.process = subprocess.Popen(
                 [*cmd, "--parent", str(os.getpid())], stdout=log, stderr=subprocess.STDOUT, env=env
             )

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from saal.cli import analyze, label, report, run, score
+from saal.cli import analyze, label, label_studio, report, run, score
 from saal.errors import SaalError
 
-COMMANDS = (run, score, analyze, report, label)
+COMMANDS = (run, score, analyze, report, label, label_studio)
 
 
 class UsageError(SaalError):

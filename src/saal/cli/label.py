@@ -14,8 +14,8 @@ from saal.errors import SaalError
 DESCRIPTION = """\
 Create (or reopen) a labelling project on FOLDER, a folder of images at any depth, and serve a web page where
 people label them: the image the model ranks highest among those nobody else holds, one button per class (keys
-1-9), skip (s), undo (Backspace), each image's history (h), progress per class, a page of labelled images with
-filters to fix mistakes, and CSV / JSON exports.
+1-9, then 0 for the 10th), skip (s), undo (Backspace), each image's history (h), progress per class, a page of
+labelled images with filters to fix mistakes, and CSV / JSON exports.
 
 Labels go to an append-only history in FOLDER/.saal-label/labels.db (SQLite, WAL mode) or in --db; a server
 killed at any moment restarts with every confirmed label. A model job in its own process retrains every
@@ -33,9 +33,11 @@ Two commands from a folder of images to labelled data:
   saal label photos/ --classes cat,dog,bird     # then open the address it prints
   saal label photos/ --export labels.csv        # or labels.json, or a new folder (OUT/<class>/...)
 
-The server listens on 127.0.0.1; with --host set to any other address every request needs the access token it
-prints. Bad input (no images, other classes than the project's, a database of another project, a second server on
-the same project, a busy port) is one line on stderr and exit code 2, with nothing written.
+The server listens on 127.0.0.1; with --host set to any other address (anything but 127.0.0.1, localhost and ::1,
+so 127.0.0.2 too) every request needs the access token it prints. Bad input (no images, other classes than the
+project's, a database of another project, a second server on the same project, a busy port, a malformed import
+CSV, an export path that cannot be written) is one line on stderr and exit code 2, with nothing written: a new
+project whose creation or import fails is removed again.
 """
 
 
@@ -53,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
     p.add_argument(
         "--token",
-        help="the access token required on every request (default: none on 127.0.0.1, a random one elsewhere)",
+        help="the access token required on every request: ASCII letters, digits, . _ ~ - (default: none on "
+        "127.0.0.1, localhost and ::1, a random one on any other address)",
     )
     p.add_argument(
         "--db",
@@ -97,8 +100,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--export",
         metavar="OUT",
-        help="write the labels to OUT and exit: a .csv (file,label,annotator,time) or .json file, or a new folder "
-        "OUT/<class>/<file> that saal run --dataset folder:OUT reads",
+        help="write the labels to OUT and exit: a .csv (file,label,annotator,time) or .json file, or a new or "
+        "empty folder OUT/<class>/<file> that saal run --dataset folder:OUT reads (a name without a suffix, or "
+        "ending in /); any other suffix is refused",
     )
     p.add_argument(
         "--import",
@@ -170,6 +174,10 @@ def run_label(args: argparse.Namespace) -> int:
     from saal.app.project import STATE_DIR, ServerLock, open_project, parse_classes
 
     classes = parse_classes(args.classes) if args.classes is not None else None
+    if args.token is not None:
+        from saal.app.security import check_token
+
+        check_token(args.token)
     if args.import_csv is not None:
         from saal.app.exchange import import_source
 
@@ -182,16 +190,20 @@ def run_label(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port) if serving else None
     try:
         project = open_project(args.folder, classes=classes, url=args.db, updates=_updates(args))
-        if serving and not lock.held:
-            lock.acquire(f"starting on {args.host}:{args.port}")
-        if args.import_csv is not None:
-            from saal.app.exchange import import_csv
+        try:
+            if serving and not lock.held:
+                lock.acquire(f"starting on {args.host}:{args.port}")
+            if args.import_csv is not None:
+                from saal.app.exchange import import_csv
 
-            print(import_csv(project, args.import_csv))
-        if args.export is not None:
-            from saal.app.exchange import export
+                print(import_csv(project, args.import_csv))
+            if args.export is not None:
+                from saal.app.exchange import export
 
-            print(export(project, args.export))
+                print(export(project, args.export))
+        except BaseException:
+            project.discard()  # a project created by this command goes again: the retry starts afresh
+            raise
         if not serving:
             return 0
         assert sock is not None
@@ -227,14 +239,14 @@ def _stoppable_server_class() -> Any:
 def _serve(project: Any, lock: Any, sock: socket.socket, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from saal.app.security import is_loopback
+    from saal.app.security import is_loopback, needs_token
     from saal.app.server import create_app
     from saal.app.status import snapshot
     from saal.app.supervisor import JobSupervisor
 
     host, port = sock.getsockname()[:2]
     loopback = is_loopback(args.host)
-    token = args.token if args.token else (None if loopback else secrets.token_urlsafe(24))
+    token = args.token if args.token else (secrets.token_urlsafe(24) if needs_token(args.host) else None)
     shown = f"[{host}]" if ":" in str(host) else str(host)
     address = f"http://{'127.0.0.1' if shown == '0.0.0.0' else shown}:{port}/" + (f"?token={token}" if token else "")
     lock.record(address)
@@ -257,6 +269,7 @@ def _serve(project: Any, lock: Any, sock: socket.socket, args: argparse.Namespac
     finally:
         if supervisor is not None:
             supervisor.stop()
+        lock.release()  # removes server.lock (it holds the token) before the exit below skips run_label's finally
     print("saal label: stopped; every confirmed label is saved", file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Every label is committed: end now. A normal exit would wait (seconds) for AnyIO's idle worker threads,

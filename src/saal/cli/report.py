@@ -1,4 +1,5 @@
-"""``saal report``: tables, learning curves and paired comparisons from experiment folders."""
+"""``saal report``: tables, learning curves, paired comparisons and which strategy at which budget from experiment
+folders."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pydantic import Field
 
 from saal.cli.options import add_option, given, validate_options
 from saal.errors import SaalError
-from saal.report import ALPHA, build_report
+from saal.report import ALPHA, CSV_FILES, build_report
 from saal.validation import Settings
 
 FLAGS = {"run_dirs": "RUN_DIR", "out": "--out", "budgets": "--budgets", "paired_on": "--paired-on", "alpha": "--alpha"}
@@ -29,12 +30,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``saal report`` on the ``saal`` command's subparsers."""
     p = subparsers.add_parser(
         "report",
-        help="tables, learning curves and win/tie/loss matrices from `saal run` output folders",
+        help="tables, learning curves, paired tests and which strategy at which budget from `saal run` folders",
         description=(
             "Read every run folder (config.json + rounds.json) below the given `saal run --out` folders, "
-            "finished or not, and write report.md (per dataset: accuracy at a few budgets, area under the "
-            "budget curve, final and best accuracy, acquisition seconds, the protocol, a win/tie/loss matrix "
-            "from paired t-tests over seeds), a learning-curve PNG per dataset and CSV files of every number."
+            "finished or not, and write report.md (per dataset and protocol: accuracy at a few budgets, area under "
+            "the budget curve (AUBC), final and best accuracy, acquisition seconds, the protocol, a win/tie/loss "
+            "matrix from paired t-tests over seeds, and where two or more seeds pair the runs every strategy's "
+            "difference to random and a pairwise-penalty matrix), which-strategy.md (one page over every dataset "
+            "and regime: AUBC per regime, the best strategy at each budget and those not significantly worse, a "
+            "figure of the differences to random), PNG figures and CSV files of every number."
         ),
     )
     m = ReportOptions
@@ -55,7 +59,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "paired_on",
         "what the paired t-test compares: auc (the AUC per seed) or rounds (the accuracy per seed and round)",
     )
-    add_option(p, "--alpha", m, "alpha", "significance level of the paired tests, in (0, 1)", type=float)
+    add_option(
+        p,
+        "--alpha",
+        m,
+        "alpha",
+        "significance level of the paired tests, in (0, 1); confidence intervals are at 1 - alpha",
+        type=float,
+    )
     p.set_defaults(func=run_report)
 
 
@@ -95,5 +106,6 @@ def run_report(args: argparse.Namespace) -> int:
     """
     opts = options_from_args(args)
     path = build_report(opts.run_dirs, opts.out, budgets=opts.budgets, paired_on=opts.paired_on, alpha=opts.alpha)
-    print(f"report: {path} (curves-*.png, rounds.csv, runs.csv and comparisons.csv beside it)")
+    csv_files = ", ".join(f"{name}.csv" for name in CSV_FILES)
+    print(f"report: {path} (which-strategy.md, curves-*.png, penalty-*.png, which-strategy.png, {csv_files} beside it)")
     return 0

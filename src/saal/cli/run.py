@@ -65,6 +65,20 @@ VALUE_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--device", "run.device", str, "torch device, e.g. cpu or cuda"),
 )
 
+# The stopping rule's options (:mod:`saal.stopping`), as :data:`VALUE_OPTIONS`; ``--stop-set`` is added apart.
+STOP_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    (
+        "--stop-when",
+        "run.stop_when",
+        str,
+        "none: run every round; stable: end a run once its model's predictions on a fixed stop set stabilise "
+        "(Cohen's kappa between successive rounds' predictions at least --stop-threshold for --stop-window rounds "
+        "in a row; classification only). rounds.csv records each round's kappa either way",
+    ),
+    ("--stop-threshold", "run.stop_threshold", float, "the kappa that counts as stable, in (0, 1]"),
+    ("--stop-window", "run.stop_window", int, "successive rounds the kappa must reach --stop-threshold"),
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``saal run`` on the ``saal`` command's subparsers."""
@@ -79,6 +93,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "--config file), then --set overrides, then the options below."
         ),
     )
+    _add_protocol_options(p)
+    _add_data_options(p)
+    _add_switches(p)
+    _add_stopping_options(p)
+    add_option(
+        p,
+        "--out",
+        ExperimentSpec,
+        "out",
+        "output folder",
+        shown_default=f"{default_of(ExperimentSpec, 'out')}, or runs/<stem> of --config",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress: neither the rounds bar nor that of long scans, selections and feature caching",
+    )
+    p.set_defaults(func=with_progress(run_command))
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """Add ``--config``, ``--set``, the strategies and seeds, the :data:`VALUE_OPTIONS`, the initial strategy and
+    the data folder."""
     p.add_argument("--config", help="a protocol YAML file (see configs/); --set and the options below override it")
     p.add_argument(
         "--set",
@@ -117,6 +154,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "folder holding the standard dataset files",
         shown_default="$SAAL_DATA_DIR or ~/.cache/saal",
     )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """Add the loader and model options, ``--task``, ``--weights`` and ``--subset``."""
     p.add_argument(
         "--dataset-option",
         action="append",
@@ -146,12 +187,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--subset",
-        spec,
+        ExperimentSpec,
         "run.subset",
         "score only a random subset of this many unlabelled items per round",
         shown_default="the whole pool",
         type=int,
     )
+
+
+def _add_switches(p: argparse.ArgumentParser) -> None:
+    """Add the on/off options: ``--uniform-initial``, ``--augment``, ``--warm-start``."""
     p.add_argument(
         "--uniform-initial", action="store_true", help="draw the initial set uniformly instead of class-balanced"
     )
@@ -161,15 +206,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue from last round's weights instead of re-initialising to the same initial weights",
     )
+
+
+def _add_stopping_options(p: argparse.ArgumentParser) -> None:
+    """Add the stopping rule's options (:mod:`saal.stopping`): :data:`STOP_OPTIONS` and ``--stop-set``."""
+    for flag, key, kind, text in STOP_OPTIONS:
+        add_option(p, flag, ExperimentSpec, key, text, type=kind)
     add_option(
-        p, "--out", spec, "out", "output folder", shown_default=f"{default_of(spec, 'out')}, or runs/<stem> of --config"
+        p,
+        "--stop-set",
+        ExperimentSpec,
+        "run.stop_set",
+        "how many items of the initially unlabelled pool (drawn once, seeded; they stay selectable) the kappa is "
+        "measured on",
+        shown_default="1000, or the whole initially unlabelled pool when smaller",
+        type=int,
+        metavar="N",
     )
-    p.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress: neither the rounds bar nor that of long scans, selections and feature caching",
-    )
-    p.set_defaults(func=with_progress(run_command))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -250,16 +303,16 @@ def spec_from_args(args: argparse.Namespace) -> ExperimentSpec:
         put("strategies", split_specs(args.strategies), "--strategies")
     if args.seeds is not None:
         put("seeds", parse_seeds(args.seeds), "--seeds")
-    for flag, key, _, _ in VALUE_OPTIONS:
+    named = [(flag, key) for flag, key, _, _ in VALUE_OPTIONS + STOP_OPTIONS] + [
+        ("--initial-strategy", "run.initial_strategy"),
+        ("--data-dir", "run.data_dir"),
+        ("--subset", "run.subset"),
+        ("--stop-set", "run.stop_set"),
+    ]
+    for flag, key in named:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             put(key, value, flag)
-    if args.initial_strategy is not None:
-        put("run.initial_strategy", args.initial_strategy, "--initial-strategy")
-    if args.data_dir is not None:
-        put("run.data_dir", args.data_dir, "--data-dir")
-    if args.subset is not None:
-        put("run.subset", args.subset, "--subset")
     if args.dataset_option:
         put("run.dataset_options", _dataset_options(args.dataset_option, _get(data, "run.dataset_options")),
             "--dataset-option")  # fmt: skip
@@ -324,8 +377,13 @@ def run_command(args: argparse.Namespace) -> int:
         bar.update(done)
         bar.set_description(f"{strategy} seed {seed}")
 
+    stopped: list[str] = []
+
     def on_round(strategy: str, seed: int, r: RoundResult) -> None:
         bar.update(1)
+        if r.stopped:  # the rounds it will not run
+            bar.update(spec.run.rounds - r.round)
+            stopped.append(f"{strategy} seed {seed} at round {r.round} ({r.labelled} labels)")
         bar.set_postfix({"labels": r.labelled, "acc" if r.metric == "accuracy" else r.metric: f"{100 * r.value:.1f}%"})
 
     busy: list[str] = []
@@ -341,6 +399,8 @@ def run_command(args: argparse.Namespace) -> int:
         service.stop()
     if rows:
         print(accuracy_table(rows))
+    if stopped:
+        print(f"\nstopped early, predictions stable: {', '.join(stopped)}")
     if busy:
         print(
             f"\nleft to another process running in {spec.out} now: {', '.join(busy)}; "

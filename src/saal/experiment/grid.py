@@ -22,7 +22,9 @@ from saal.experiment import storage
 from saal.experiment.folder_lock import folder_lock
 from saal.experiment.loop import ActiveLearningRun, RoundResult, build_run_strategy, describe_run, load_run_bundle
 from saal.models import build_model
-from saal.settings import ExperimentSpec
+from saal.settings import ExperimentSpec, RunConfig
+from saal.stopping import predicts_classes, stop_set_size
+from saal.tasks import Task
 
 
 def check_device(name: str) -> torch.device:
@@ -50,7 +52,8 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
     Raises:
         SaalError: unknown strategy or option (as every run builds it: with the shared subset and batch
             size), a strategy or ``initial_strategy`` that does not support the dataset's task, an unknown
-            device or model, impossible sizes, or an output folder that is a file or holds different runs.
+            device or model, impossible sizes (the stop set's included), a stopping rule on a task it cannot
+            measure, or an output folder that is a file or holds different runs.
     """
     cfg = spec.run
     task = bundle.task
@@ -81,6 +84,7 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
             f"initial set {cfg.initial} is larger than the pool subset {cfg.subset} its strategy scores; "
             "raise --subset or choose a smaller --initial"
         )
+    check_stopping(cfg, task, n)
     ground_truth = cfg.initial > 0 and cfg.initial_strategy is None
     if ground_truth and cfg.initial_balanced and task.name == "classification" and cfg.initial % bundle.num_classes:
         raise SaalError(
@@ -95,6 +99,23 @@ def check_grid(spec: ExperimentSpec, bundle: DatasetBundle) -> None:
             if (folder / storage.CONFIG_FILE).exists():
                 storage.check_run_folder(folder, describe_run(cfg, s, seed, strategy, task))
     _check_experiment_file(spec)
+
+
+def check_stopping(cfg: RunConfig, task: Task, n: int) -> None:
+    """Refuse stopping settings that a run of ``task`` on an ``n``-item pool cannot use. Writes nothing.
+
+    Raises:
+        SaalError: ``stop_when`` other than ``none`` for a task without class predictions (detection), or a
+            ``stop_set`` larger than the initially unlabelled pool (``n - initial`` items).
+    """
+    if not predicts_classes(task):
+        if cfg.stop_when != "none":
+            raise SaalError(
+                f"--stop-when {cfg.stop_when}: stabilising predictions needs one class per item, and {task.name} "
+                "predicts otherwise; use --stop-when none"
+            )
+        return
+    stop_set_size(cfg.stop_set, n - cfg.initial)
 
 
 def _check_experiment_file(spec: ExperimentSpec) -> None:

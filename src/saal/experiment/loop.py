@@ -20,6 +20,13 @@ it is chosen by that strategy from zero labels instead, given the untrained mode
 acquisition is the first pick, made by :func:`first_picker`'s choice (``initial_strategy``; else the run's own
 strategy when it is cold-start; else ``random``). Every round records which strategy made its acquisition and
 why (``acquired_by``, ``reason``); round 0 records how the initial set was chosen (``start``).
+
+When to stop (:mod:`saal.stopping`): a classification run draws a stop set once, after the initial set is labelled
+(``stop_set`` items of the unlabelled pool, from the run's ``stop`` seed stream), and every round, after training,
+records Cohen's kappa between the model's predictions on it and the previous round's model's (``kappa``; None at
+round 0). With ``stop_when = "stable"`` the run ends at the first round where the kappa has been at least
+``stop_threshold`` in each of the last ``stop_window`` rounds: that round acquires nothing and is marked ``stopped``,
+and the run counts as finished. Until then its rounds are those of the same run without the rule.
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ from saal.experiment.folder_lock import folder_lock
 from saal.models import build_model
 from saal.pool import Pool, initial_indices
 from saal.settings import RunConfig
+from saal.stopping import StabilisingPredictions, predict_classes, predicts_classes
 from saal.strategies import Strategy, build_strategy, parse_spec, strategy_options
 from saal.tasks import Task
 from saal.training import evaluation_batch_size, fit
+from saal.tuning import tune_training, tuned_details
 
 
 @dataclass
@@ -70,6 +79,11 @@ class RoundResult:
             "" when there is nothing to say; None in older rounds.
         start: round 0 only: how the initial set was chosen, ``{"by", "reason", "chosen"}`` (``rounds.json``
             only; None in older rounds and later rounds).
+        kappa: Cohen's kappa between this round's model's predictions on the stop set and the previous round's
+            (:mod:`saal.stopping`); None at round 0, in rounds of older saal and of tasks other than classification.
+        records_kappa: whether the round records a kappa at all (False: rows of older saal, detection), so that a
+            round 0 writes ``"kappa": null`` and an older row is written back without the field.
+        stopped: the stopping rule (``stop_when = "stable"``) ended the run at this round.
     """
 
     round: int
@@ -84,6 +98,9 @@ class RoundResult:
     acquired_by: str | None = None
     reason: str | None = None
     start: dict[str, Any] | None = None
+    kappa: float | None = None
+    records_kappa: bool = False
+    stopped: bool = False
 
     @property
     def accuracy(self) -> float:
@@ -101,8 +118,9 @@ class RoundResult:
 
         Returns:
             ``{"round", "labelled", <metric>, "train_seconds", "acquire_seconds", "chosen"[, "acquired_by",
-            "reason"][, "start"][, "per_class"][, "details"]}``: the fields a round of an older saal lacks (None)
-            are left out, so that its rows are written back as they were.
+            "reason"][, "start"][, "per_class"][, "details"][, "kappa"][, "stopped"]}``: the fields a round of an
+            older saal lacks are left out, so that its rows are written back as they were; ``stopped`` only when
+            true.
         """
         row: dict[str, Any] = {
             "round": self.round,
@@ -121,6 +139,10 @@ class RoundResult:
             row["per_class"] = dict(self.per_class)
         if self.details:
             row["details"] = dict(self.details)
+        if self.records_kappa:
+            row["kappa"] = self.kappa
+        if self.stopped:
+            row["stopped"] = True
         return row
 
     @classmethod
@@ -143,18 +165,23 @@ class RoundResult:
             acquired_by=None if row.get("acquired_by") is None else str(row["acquired_by"]),
             reason=None if row.get("acquired_by") is None else str(row.get("reason") or ""),
             start=dict(row["start"]) if isinstance(row.get("start"), Mapping) else None,
+            kappa=None if row.get("kappa") is None else float(row["kappa"]),
+            records_kappa="kappa" in row,
+            stopped=bool(row.get("stopped", False)),
         )
 
 
 def seed_streams(seed: int) -> dict[str, int]:
-    """Return independent seeds for the initial set, model initialisation, training and acquisition.
+    """Return independent seeds for the initial set, model initialisation, training, acquisition and the stop set.
 
-    The four streams are children of ``numpy.random.SeedSequence(seed)``:
+    The five streams are children of ``numpy.random.SeedSequence(seed)`` (the first four as before the fifth was
+    added: a ``SeedSequence``'s n-th child does not depend on how many are spawned):
 
     - ``initial``: draws the initial labelled set;
     - ``model``: the initial weights (and a strategy's own modules when it is built);
     - ``train``: shuffling, augmentation, dropout (re-seeds the global generators each round);
-    - ``acquire``: the strategy's random choices (pool subset, sampling).
+    - ``acquire``: the strategy's random choices (pool subset, sampling);
+    - ``stop``: draws the stopping rule's stop set (:mod:`saal.stopping`).
 
     The initial set and the initial weights depend only on ``seed``, so every strategy run with
     the same seed starts from the same labelled set and the same weights (a paired comparison),
@@ -162,10 +189,10 @@ def seed_streams(seed: int) -> dict[str, int]:
     change the other.
 
     Returns:
-        ``{"initial": int, "model": int, "train": int, "acquire": int}``.
+        ``{"initial": int, "model": int, "train": int, "acquire": int, "stop": int}``.
     """
-    children = np.random.SeedSequence(seed).spawn(4)
-    names = ("initial", "model", "train", "acquire")
+    children = np.random.SeedSequence(seed).spawn(5)
+    names = ("initial", "model", "train", "acquire", "stop")
     return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children, strict=True)}
 
 
@@ -305,6 +332,12 @@ class ActiveLearningRun:
         self.acquire_rng = np.random.default_rng(self.streams["acquire"])
         self.optimizer_state: dict[str, Any] | None = None
         self.results: list[RoundResult] = []
+        # the stopping rule's measure, recorded every round of a classification run (stop_when or not)
+        self.stability = (
+            StabilisingPredictions(config.stop_threshold, config.stop_window, config.stop_set)
+            if predicts_classes(self.task)
+            else None
+        )
 
     # -- describing the run -------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -313,8 +346,8 @@ class ActiveLearningRun:
 
     @property
     def finished(self) -> bool:
-        """Whether every round (``rounds + 1`` evaluations) is done."""
-        return len(self.results) == self.config.rounds + 1
+        """Whether every round (``rounds + 1`` evaluations) is done, or the stopping rule ended the run."""
+        return len(self.results) == self.config.rounds + 1 or bool(self.results and self.results[-1].stopped)
 
     # -- the loop -----------------------------------------------------------------------
     def run(
@@ -356,6 +389,7 @@ class ActiveLearningRun:
             on_start(len(self.results))
         if not self.results:
             self._start = self._label_initial_set()
+            self._draw_stop_set()
         while not self.finished:
             result = self._round(len(self.results))
             self.results.append(result)
@@ -405,13 +439,39 @@ class ActiveLearningRun:
         self.pool.label(start, self.bundle.train_targets[start])
         return {"by": by, "reason": reason, "chosen": [int(i) for i in np.sort(start)]}
 
-    def _acquire(self, r: int) -> tuple[list[int], str, str]:
-        """Make round ``r``'s acquisition and label it (nothing after the last round).
+    def _draw_stop_set(self) -> None:
+        """Draw the stopping rule's stop set from the unlabelled pool (once, after the initial set is labelled)."""
+        if self.stability is not None:
+            self.stability.choose_stop_set(self.pool.unlabelled_indices(), np.random.default_rng(self.streams["stop"]))
+
+    def _stop_set_predictions(self) -> np.ndarray:
+        """Return the model's predicted class of every stop-set item."""
+        assert self.stability is not None and self.stability.stop_set is not None
+        batch = evaluation_batch_size(self.config.score_batch_size, self.device, self.bundle.input_shape, self.task)
+        return predict_classes(self.model, self.bundle.train, self.stability.stop_set, self.task, batch)
+
+    def _measure_stability(self, r: int) -> tuple[float | None, bool]:
+        """Record the kappa of round ``r``'s model (after its training) and whether the rule ends the run now.
+
+        Returns:
+            ``(kappa or None, stop)``: ``stop`` only with ``stop_when = "stable"``, before the last round.
+        """
+        if self.stability is None:
+            return None, False
+        kappa = self.stability.update(self._stop_set_predictions())
+        stop = self.config.stop_when == "stable" and self.stability.should_stop and r < self.config.rounds
+        return kappa, stop
+
+    def _acquire(self, r: int, stop: bool = False) -> tuple[list[int], str, str]:
+        """Make round ``r``'s acquisition and label it (nothing after the last round, or when ``stop``).
 
         Returns:
             ``(chosen indices, the spec of the strategy that chose, why)``.
         """
         cfg = self.config
+        if stop:
+            assert self.stability is not None
+            return [], "", f"stopped: predictions stable ({self.stability.describe()})"
         if r >= cfg.rounds:
             return [], "", ""
         spec, why = (self.spec, "") if r > 0 or cfg.initial > 0 else first_picker(cfg, self.spec, self.strategy)
@@ -436,12 +496,16 @@ class ActiveLearningRun:
         np.random.seed(round_seed % 2**32)
         random.seed(round_seed)
         labelled = self.pool.labelled_indices()
+        tuned = tune_training(
+            self.model, self.initial_state, self.bundle.train, labelled, self.pool.labels_of(labelled), cfg.train,
+            round_seed % 2**31, self.task,
+        )  # fmt: skip
         fitted = fit(
             self.model,
             self.bundle.train,
             labelled,
             self.pool.labels_of(labelled),
-            cfg.train,
+            tuned.config,
             self.train_generator,
             hook=self.strategy.training_hook(),
             optimizer_state=None if cfg.reinit else self.optimizer_state,
@@ -451,8 +515,9 @@ class ActiveLearningRun:
             self.optimizer_state = fitted.optimizer_state
         eval_batch = evaluation_batch_size(cfg.score_batch_size, self.device, self.bundle.input_shape, self.task)
         score = self.task.evaluate(self.model, self.bundle.test, eval_batch)
+        kappa, stop = self._measure_stability(r)
         t0 = time.perf_counter()
-        chosen, acquired_by, reason = self._acquire(r)
+        chosen, acquired_by, reason = self._acquire(r, stop)
         return RoundResult(
             round=r,
             labelled=len(labelled),
@@ -462,10 +527,13 @@ class ActiveLearningRun:
             acquire_seconds=time.perf_counter() - t0,
             chosen=chosen,
             per_class=dict(score.per_class),
-            details={**score.details, **self.task.label_summary(self.pool.labels_of(labelled))},
+            details={**score.details, **self.task.label_summary(self.pool.labels_of(labelled)), **tuned_details(tuned)},
             acquired_by=acquired_by,
             reason=reason,
             start=self._start if r == 0 else None,
+            kappa=kappa,
+            records_kappa=self.stability is not None,
+            stopped=stop,
         )
 
     # -- files --------------------------------------------------------------------------
@@ -519,6 +587,7 @@ class ActiveLearningRun:
             "strategy": self.strategy.state_dict(),
             "metric": self.metric,
             "results": self._rows(),
+            "stability": None if self.stability is None else self.stability.state_dict(),
         }
         storage.save_checkpoint(self.folder, state)
 
@@ -539,7 +608,28 @@ class ActiveLearningRun:
             self.strategy.load_state_dict(state["strategy"])
             self.results = [RoundResult.from_row(r, metric) for r in state["results"]]
             self.optimizer_state = state["optimizer"]
+            self._load_stability(state.get("stability"))
         except SaalError:
             raise
         except Exception as exc:  # a truncated or foreign file
             raise storage.corrupt_checkpoint(self.folder / storage.CHECKPOINT_FILE, exc) from None
+
+    def _load_stability(self, state: dict[str, Any] | None) -> None:
+        """Restore the stopping rule's state; a checkpoint written before saal had the rule has none: the stop set is
+        drawn as a new run draws it (from the initially unlabelled pool: the unlabelled items and those acquired so
+        far), and the previous predictions are those of the checkpoint's model (the last round's), so the rounds
+        still to come get the kappas of an uninterrupted run.
+
+        Raises:
+            SaalError: a state that is not the rule's.
+        """
+        if self.stability is None:
+            return
+        if state is not None:
+            self.stability.load_state_dict(state)
+            return
+        acquired = [i for r in self.results for i in r.chosen]
+        initially_unlabelled = np.union1d(self.pool.unlabelled_indices(), np.asarray(acquired, dtype=np.int64))
+        self.stability.choose_stop_set(initially_unlabelled, np.random.default_rng(self.streams["stop"]))
+        self.stability.kappas = [r.kappa for r in self.results]
+        self.stability.previous = self._stop_set_predictions()

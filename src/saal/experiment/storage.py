@@ -9,8 +9,11 @@ A run folder (``OUT/<strategy slug>/seed-<seed>``) holds:
   later saal, whose strategies gained options or whose records gained fields, still resumes the folder.
 - ``rounds.json`` (one row per round; the metric stored under its name, e.g. ``accuracy``; which strategy made the
   round's acquisition and why, ``acquired_by`` and ``reason``; round 0's ``start``: how the initial set was chosen)
-  and ``rounds.csv`` (the same but ``start``, ``per_class`` and ``details``). Rows written before saal recorded
-  ``acquired_by`` lack it and are written back as they were.
+  and ``rounds.csv`` (the same but ``start``, ``per_class``, ``details`` and ``stopped``). A classification run's rows
+  carry ``kappa``: Cohen's kappa between this round's and the previous round's predictions on the stop set (null
+  at round 0; :mod:`saal.stopping`); the round where ``--stop-when stable`` ended the run carries ``"stopped":
+  true``. Rows written before saal recorded ``acquired_by`` or ``kappa`` lack them and are written back as they
+  were.
 - ``checkpoint.pt``: everything needed to continue; ``model.pt`` once finished.
 
 Every file is written atomically (a temporary file, then a rename), so a run killed at any moment leaves
@@ -55,9 +58,13 @@ ROW_KEYS = (
     "start",
     "per_class",
     "details",
+    "kappa",
+    "stopped",
 )
 # The columns that say which strategy made each round's acquisition and why (rows of older saal lack them).
 ACQUISITION_FIELDS = ("acquired_by", "reason")
+# The column of the stopping rule's measure (rows of older saal, and of detection runs, lack it).
+STABILITY_FIELDS = ("kappa",)
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -84,6 +91,24 @@ def round_fields(metric: str = DEFAULT_METRIC) -> tuple[str, ...]:
 def records_acquisition(rows: Iterable[Mapping[str, Any]]) -> bool:
     """Return whether any of ``rows`` records who made its acquisition (``acquired_by``; older rows do not)."""
     return any("acquired_by" in row for row in rows)
+
+
+def records_kappa(rows: Iterable[Mapping[str, Any]]) -> bool:
+    """Return whether any of ``rows`` records the stopping rule's ``kappa`` (rows of older saal and of detection
+    runs do not)."""
+    return any("kappa" in row for row in rows)
+
+
+def extra_fields(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Return the optional columns ``rows`` call for, in order: :data:`ACQUISITION_FIELDS` when a row records
+    who acquired, then :data:`STABILITY_FIELDS` when a row records a kappa."""
+    return (ACQUISITION_FIELDS if records_acquisition(rows) else ()) + (STABILITY_FIELDS if records_kappa(rows) else ())
+
+
+def run_finished(config: Mapping[str, Any], rows: list[dict[str, Any]]) -> bool:
+    """Return whether a run folder's run is finished: every round done (``rounds + 1`` rows; ``rounds`` from its
+    ``config.json``), or ended early by its stopping rule (its last row says ``"stopped": true``)."""
+    return len(rows) >= int(config.get("rounds", 0)) + 1 or bool(rows and rows[-1].get("stopped"))
 
 
 ROUND_FIELDS = round_fields()
@@ -261,16 +286,17 @@ def write_config(folder: Path, record: Mapping[str, Any]) -> None:
 
 
 def rounds_csv(rows: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> str:
-    """Return ``rounds.csv``'s text: :func:`round_fields` columns, then ``acquired_by`` and ``reason`` when a row
-    records them (empty in rows that do not), floats with 6 decimals, chosen space-separated; a value holding a
-    comma or a quote is quoted as CSV does."""
-    fields = round_fields(metric) + (ACQUISITION_FIELDS if records_acquisition(rows) else ())
+    """Return ``rounds.csv``'s text: :func:`round_fields` columns, then ``acquired_by`` and ``reason``, then
+    ``kappa``, each when a row records it (:func:`extra_fields`; empty in rows that do not, and where the value is
+    null), floats with 6 decimals, chosen space-separated; a value holding a comma or a quote is quoted as CSV
+    does."""
+    fields = round_fields(metric) + extra_fields(rows)
     text = io.StringIO(newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(fields)
     for row in rows:
         values = [row.get(f, "") if f != "chosen" else " ".join(map(str, row[f])) for f in fields]
-        writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in values])
+        writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else str(v) for v in values])
     return text.getvalue()
 
 
@@ -332,15 +358,15 @@ def read_rounds(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def write_summary(out: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Path:
     """Write ``OUT/results.csv``: one row per (strategy, seed, round), the metric under its name, and who made the
-    round's acquisition and why where the rows record it (empty for rows of older runs).
+    round's acquisition and why, and the stopping rule's kappa, where the rows record them (empty for rows of older
+    runs).
 
     Returns:
         The path written.
     """
     path = Path(out) / "results.csv"
     text = io.StringIO(newline="")
-    extra = list(ACQUISITION_FIELDS) if records_acquisition(rows) else []
-    fields = ["strategy", "seed", *round_fields(metric_of_rows(rows))[:-1], *extra]
+    fields = ["strategy", "seed", *round_fields(metric_of_rows(rows))[:-1], *extra_fields(rows)]
     writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -2,8 +2,9 @@
 
 * ``fcos-lite0`` (the default): torchvision's FCOS head on a feature pyramid over the ImageNet-pretrained
   EfficientNet-Lite0 (:mod:`saal.models.pretrained`, no download). The backbone is frozen by default
-  (``frozen=False`` fine-tunes it); while frozen its features are computed one image at a time and cached,
-  keyed by the exact content of the resized image, so a cached feature is the feature.
+  (``frozen=False`` fine-tunes it); while frozen its features are computed one image at a time and kept in the
+  feature cache's in-process tier (:data:`saal.data.feature_cache.MEMORY_CACHE`), keyed by the weights and the
+  exact content of the resized image, so a cached feature is the feature.
 * torchvision's detectors: ``fcos-resnet50``, ``retinanet-resnet50``, ``retinanet-resnet50-v2``,
   ``fasterrcnn-resnet50``, ``fasterrcnn-resnet50-v2``, ``fasterrcnn-mobilenet-v3``,
   ``fasterrcnn-mobilenet-v3-320``, ``ssdlite320``, ``ssd300``; built without weights, or with ``weights``: a
@@ -17,7 +18,6 @@ Detectors take a list of ``(3, H, W)`` images in [0, 1] and resize and normalise
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saal.data.feature_cache import MEMORY_CACHE, content_digest, key_digest
 from saal.errors import SaalError
 from saal.extras import import_extra
 
@@ -37,7 +38,6 @@ FPN_CHANNELS = 64
 # training images, 8 epochs, one CPU thread: 1 conv reached mAP@0.5 0.635 in 6.8 s, 2 convs 0.623 in 15.8 s,
 # 4 convs 0.580 in 15.2 s (a loaded machine): on a CPU budget the lighter head learns faster.
 HEAD_CONVS = 1
-CACHE_ITEMS = 2048
 SCORE_THRESH = 0.05  # the default detector keeps detections from this score (mAP counts low-scoring boxes too)
 
 # name -> (torchvision builder, COCO weights enum name)
@@ -64,58 +64,14 @@ def is_detector_name(name: object) -> bool:
     return isinstance(name, str) and name in DETECTOR_NAMES
 
 
-# -- the feature cache --------------------------------------------------------------------------
-class FeatureCache:
-    """Backbone features by image content: an LRU of at most ``max_items`` images (shared by every frozen
-    backbone with the same weights in this process, so the runs of a grid compute each image's features once)."""
-
-    def __init__(self, max_items: int = CACHE_ITEMS) -> None:
-        self.max_items = max_items
-        self.items: OrderedDict[tuple[str, str], list[torch.Tensor]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[str, str]) -> list[torch.Tensor] | None:
-        """Return the cached features of ``key`` (and mark them recently used), or None."""
-        found = self.items.get(key)
-        if found is not None:
-            self.items.move_to_end(key)
-            self.hits += 1
-        else:
-            self.misses += 1
-        return found
-
-    def put(self, key: tuple[str, str], features: list[torch.Tensor]) -> None:
-        """Store ``features`` under ``key``, dropping the least recently used beyond ``max_items``."""
-        self.items[key] = features
-        self.items.move_to_end(key)
-        while len(self.items) > self.max_items:
-            self.items.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget every cached feature."""
-        self.items.clear()
-
-
-FEATURE_CACHE = FeatureCache()
-
-
-def content_key(image: torch.Tensor) -> str:
-    """Return a digest of an image tensor's exact content, shape and dtype (what cached features are keyed by)."""
-    data = image.detach().contiguous().cpu()
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
 class Lite0FPN(nn.Module):
     """EfficientNet-Lite0 (strides 8, 16, 32) under a feature pyramid with two extra levels (P6, P7).
 
     A torchvision detection backbone: ``forward(images) -> OrderedDict`` of ``out_channels``-channel maps.
     The pretrained body runs one image at a time (so an image's features never depend on the others in its
-    batch); while ``frozen`` it stays in eval mode, has no gradients and its features are cached by image
-    content (``use_cache``).
+    batch); while ``frozen`` it stays in eval mode, has no gradients and its features are cached by weights and
+    image content in :data:`~saal.data.feature_cache.MEMORY_CACHE` (``use_cache``; shared by every frozen backbone
+    with the same weights in this process, so the runs of a grid compute each image's features once).
 
     Args:
         weights: EfficientNet-Lite0 weights file (default: the packaged ImageNet weights).
@@ -143,6 +99,7 @@ class Lite0FPN(nn.Module):
         self.frozen = bool(frozen)
         self.use_cache = True
         self.fingerprint = weights_fingerprint(weights)
+        self.cache_key = key_digest({"backbone": "efficientnet_lite0 features (2, 3, 4)", "weights": self.fingerprint})
         if self.frozen:
             self.body.requires_grad_(False)
             self.body.eval()
@@ -158,13 +115,12 @@ class Lite0FPN(nn.Module):
         """Return the body's three maps for one ``(1, 3, H, W)`` normalised image (cached while frozen)."""
         if not (self.frozen and self.use_cache):
             return list(self.body(image))
-        key = (self.fingerprint, content_key(image))
-        found = FEATURE_CACHE.get(key)
-        if found is None:
+
+        def compute() -> list[torch.Tensor]:
             with torch.no_grad():
-                found = [f.detach() for f in self.body(image)]
-            FEATURE_CACHE.put(key, found)
-        return found
+                return [f.detach() for f in self.body(image)]
+
+        return MEMORY_CACHE.get_or_compute((self.cache_key, content_digest(image)), compute)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         per_image = [self.body_features(x[i : i + 1]) for i in range(len(x))]

@@ -23,9 +23,9 @@ here" (for FCOS and RetinaNet a background-only classification loss, large under
 SSD zero). No NaN arises: torchvision's losses divide by at least one foreground.
 
 Every image is scored alone, so its score never depends on the others in a batch; a frozen backbone's
-features come from the detector's own cache (:class:`saal.models.detectors.Lite0FPN`), which holds the exact
-features. :func:`naive_detection_terms` is the definition with a deep copy of the model per image and no
-cache; the tests show the two agree.
+features come from the feature cache's in-process tier (:data:`saal.data.feature_cache.MEMORY_CACHE`, through
+:class:`saal.models.detectors.Lite0FPN`), which holds the exact features. :func:`naive_detection_terms` is the
+definition with a deep copy of the model per image and no cache; the tests show the two agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Keys: 1-9 pick a class, s skips, Backspace undoes, h opens the image's history.
+// Keys: 1-9 pick a class (0 the 10th), s skips, Backspace undoes, h opens the image's history.
 // A key clicks the button that carries it in data-key; the form then posts and the next page loads.
 (function () {
   var sent = false;
