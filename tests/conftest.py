@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -175,3 +176,20 @@ def fmt() -> SimpleNamespace:
         write_svhn=write_svhn,
         save_image=save_image,
     )
+
+
+# Debian's Chromium, driven by Playwright (never `playwright install`); `.ci/run` installs it on CI.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for a module's browser tests; a missing browser is a failure that says what to install."""
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield launched
+        launched.close()

@@ -4,7 +4,6 @@ server and model job, on JPEGs of red circles and blue squares the test draws it
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import sqlite3
 from pathlib import Path
@@ -13,10 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)"
-)
 KEY = {"red": "1", "blue": "2"}
 
 
@@ -70,16 +65,6 @@ def served(tmp_path_factory, app_helpers):
     yield server
     server.kill(signal.SIGINT)
     assert server.process.returncode == 0
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield launched
-        launched.close()
 
 
 def label_shown(page, served) -> tuple[str, str]:

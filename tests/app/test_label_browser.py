@@ -14,10 +14,6 @@ import pytest
 
 from saal.app import default_strategy
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)"
-)
 KEY = {"red": "1", "blue": "2"}
 
 
@@ -33,16 +29,6 @@ def served(tmp_path_factory, app_helpers):
     yield server
     server.kill(signal.SIGINT)
     assert server.process.returncode == 0
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield launched
-        launched.close()
 
 
 def sign_in(browser, served, name):

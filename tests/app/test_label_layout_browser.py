@@ -3,16 +3,11 @@ screen, ten classes, the undo button, the retrain button, the icon."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sqlite3
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)"
-)
 CLASSES = [f"class{i}" for i in range(1, 11)]
 
 
@@ -24,16 +19,6 @@ def served(tmp_path_factory, app_helpers):
     server = app_helpers.start_server(folder, "--classes", ",".join(CLASSES), "--no-model")
     yield server
     server.kill(signal.SIGINT)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield launched
-        launched.close()
 
 
 def open_page(browser, served, width: int, height: int, name: str):

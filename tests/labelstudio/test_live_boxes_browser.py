@@ -6,7 +6,6 @@ tasks in saal's order (its screenshot is written to ``$SAAL_LS_SCREENSHOTS``, de
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.labelstudio]
 RETRAIN_EVERY = 4
 BOX_STRATEGY = "det-saal[score_threshold=0.3]"
@@ -112,21 +110,15 @@ def test_changed_classes_are_refused_in_one_line_and_keep_the_model(projects):
 
 
 @pytest.fixture(scope="module")
-def page(projects, ls_helpers):
-    if CHROMIUM is None:
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium; .ci/run does it on CI)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 820})
-        page.goto(f"{projects.ls.url}/user/login/")
-        page.fill("#email", ls_helpers.LS_USER)
-        page.fill("#password", ls_helpers.LS_PASSWORD)
-        with page.expect_navigation():
-            page.click("button.login-button")
-        yield page
-        browser.close()
+def page(projects, ls_helpers, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 820})
+    page.goto(f"{projects.ls.url}/user/login/")
+    page.fill("#email", ls_helpers.LS_USER)
+    page.fill("#password", ls_helpers.LS_PASSWORD)
+    with page.expect_navigation():
+        page.click("button.login-button")
+    yield page
+    page.close()
 
 
 def test_box_prelabels_render_in_the_labelling_page(projects, page):

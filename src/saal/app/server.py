@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ from saal.extras import import_extra
 import_extra("fastapi", "app", "saal label")
 import_extra("jinja2", "app", "saal label")
 
-from fastapi import FastAPI, Form, Query, Request  # noqa: E402
+from fastapi import APIRouter, FastAPI, Form, Query, Request  # noqa: E402
 from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import (  # noqa: E402
@@ -44,10 +45,11 @@ from fastapi.responses import (  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from fastapi.templating import Jinja2Templates  # noqa: E402
 from sqlalchemy import select  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from saal.app import db, exchange, labels  # noqa: E402
-from saal.app.claims import claim_next  # noqa: E402
+from saal.app.claims import claim_next, release  # noqa: E402
 from saal.app.project import Project  # noqa: E402
 from saal.app.security import (  # noqa: E402
     SESSION_COOKIE,
@@ -90,6 +92,49 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+@dataclass
+class Site:
+    """What every route of one application shares: the project, its database, the signer and the templates."""
+
+    project: Project
+    signer: Signer
+    templates: Jinja2Templates
+    engine: Any = field(init=False)
+    classes: list[str] = field(init=False)
+    claim_seconds: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine, self.classes = self.project.engine, self.project.classes
+        self.claim_seconds = float(self.project.settings.claim_seconds)
+
+    def name(self, request: Request) -> str | None:
+        """Return the signed-in annotator's name (None: nobody signed in)."""
+        return self.signer.annotator(request.cookies.get(SESSION_COOKIE))
+
+    def require(self, request: Request, csrf: str | None) -> str:
+        """Return the signed-in name of a state-changing request; raises :class:`Refused` without a session or a
+        valid CSRF token."""
+        name = self.name(request)
+        if name is None:
+            raise Refused("sign in first (open / and give your name)")
+        if not self.signer.check_csrf(name, csrf):
+            raise Refused("this form is stale or came from another site; reload the page")
+        return name
+
+    def page(self, request: Request, template: str, context: dict[str, Any], name: str | None = None) -> Response:
+        """Return ``template`` rendered with ``context`` and what every page shows (the name, CSRF, classes)."""
+        name = self.name(request) if name is None else name
+        common = {"name": name, "csrf": self.signer.csrf(name) if name else "", "classes": self.classes}
+        return self.templates.TemplateResponse(request, template, {**common, "project": self.project, **context})
+
+    def error(self, request: Request, status: int, message: str, item: int | None = None) -> Response:
+        """Return an error: a page for a browser (but 503: one line, nothing else is read), else one plain line."""
+        if "text/html" in request.headers.get("accept", "") and status != 503:
+            context = {"message": message, "status": status, "name": self.name(request), "item_id": item}
+            return self.templates.TemplateResponse(request, "error.html", context, status_code=status)
+        return PlainTextResponse(message, status)
+
+
 def create_app(project: Project, *, token: str | None = None, loopback: bool = True) -> FastAPI:
     """Return the application for ``project``.
 
@@ -101,58 +146,52 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         The FastAPI application.
     """
     app = FastAPI(title="saal label", docs_url=None, redoc_url=None, openapi_url=None)
-    signer = Signer((project.state_dir / "secret").read_text().strip())
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["when"] = _when
+    site = Site(project, Signer((project.state_dir / "secret").read_text().strip()), templates)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    engine, classes = project.engine, project.classes
-    claim_seconds = float(project.settings.claim_seconds)
+    app.middleware("http")(partial(_guard, token=token, loopback=loopback))
+    _add_error_handlers(app, site)
+    for router in (_labelling_routes(site), _page_routes(site), _data_routes(site), _api_routes(site)):
+        app.include_router(router)
+    return app
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        if loopback and not host_allowed(request.headers.get("host")):
-            return PlainTextResponse("this server answers only to localhost / 127.0.0.1 addresses", 400)
-        if token is not None:
-            given = request.query_params.get("token")
-            auth = request.headers.get("authorization", "")
-            offered = given or (auth[7:] if auth.lower().startswith("bearer ") else None)
-            offered = offered or request.cookies.get(TOKEN_COOKIE)
-            if not same_secret(offered, token):
-                return PlainTextResponse(
-                    "this server needs its access token: open the address saal label printed (it ends in ?token=...)",
-                    401,
-                )
-            if given and request.method == "GET":
-                query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-                back = RedirectResponse(request.url.path + (f"?{query}" if query else ""), 303)
-                back.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-                return back
-        if request.method not in ("GET", "HEAD"):
-            fetch_site = request.headers.get("sec-fetch-site")
-            if fetch_site == "cross-site" or not same_origin(
-                request.headers.get("origin"), request.headers.get("host")
-            ):
-                return PlainTextResponse("requests from other sites are refused", 403)
-        response: Response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        return response
 
-    def error_response(request: Request, status: int, message: str, item: int | None = None) -> Response:
-        if "text/html" in request.headers.get("accept", "") and status != 503:
-            return templates.TemplateResponse(
-                request,
-                "error.html",
-                {"message": message, "status": status, "name": _name(request), "item_id": item},
-                status_code=status,
+async def _guard(request: Request, call_next: Any, *, token: str | None, loopback: bool) -> Response:
+    """Refuse foreign hosts, requests without the token and cross-site changes; add the security headers."""
+    if loopback and not host_allowed(request.headers.get("host")):
+        return PlainTextResponse("this server answers only to localhost / 127.0.0.1 addresses", 400)
+    if token is not None:
+        given = request.query_params.get("token")
+        auth = request.headers.get("authorization", "")
+        offered = given or (auth[7:] if auth.lower().startswith("bearer ") else None)
+        offered = offered or request.cookies.get(TOKEN_COOKIE)
+        if not same_secret(offered, token):
+            return PlainTextResponse(
+                "this server needs its access token: open the address saal label printed (it ends in ?token=...)",
+                401,
             )
-        return PlainTextResponse(message, status)
+        if given and request.method == "GET":
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            back = RedirectResponse(request.url.path + (f"?{query}" if query else ""), 303)
+            back.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            return back
+    if request.method not in ("GET", "HEAD"):
+        fetch_site = request.headers.get("sec-fetch-site")
+        if fetch_site == "cross-site" or not same_origin(request.headers.get("origin"), request.headers.get("host")):
+            return PlainTextResponse("requests from other sites are refused", 403)
+    response: Response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    return response
 
+
+def _add_error_handlers(app: FastAPI, site: Site) -> None:
     @app.exception_handler(SaalError)
     async def saal_error(request: Request, error: SaalError) -> Response:
         status = 404 if isinstance(error, labels.NotFound) else 409 if isinstance(error, labels.Conflict) else 400
         status = 403 if isinstance(error, Refused) else 503 if isinstance(error, db.Busy) else status
-        response = error_response(request, status, str(error), getattr(error, "item_id", None))
+        response = site.error(request, status, str(error), getattr(error, "item_id", None))
         if status == 503:  # one plain line: the database is busy, so nothing else is read
             response.headers["Retry-After"] = str(db.RETRY_AFTER)
         return response
@@ -161,72 +200,46 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
     async def bad_request(request: Request, error: RequestValidationError) -> Response:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "bad request"}
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
-        return error_response(request, 400, f"{where}: {first.get('msg', 'bad value')}")
+        return site.error(request, 400, f"{where}: {first.get('msg', 'bad value')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        return error_response(request, error.status_code, str(error.detail))
+        return site.error(request, error.status_code, str(error.detail))
 
-    def _name(request: Request) -> str | None:
-        return signer.annotator(request.cookies.get(SESSION_COOKIE))
 
-    def require(request: Request, csrf: str | None) -> str:
-        name = _name(request)
-        if name is None:
-            raise Refused("sign in first (open / and give your name)")
-        if not signer.check_csrf(name, csrf):
-            raise Refused("this form is stale or came from another site; reload the page")
-        return name
+def _labelling_routes(site: Site) -> APIRouter:
+    """The label page and every change a person makes: sign in and out, label, skip, undo, ask for a retrain."""
+    router = APIRouter()
+    engine, classes = site.engine, site.classes
 
-    def common(request: Request, name: str | None) -> dict[str, Any]:
-        return {"name": name, "csrf": signer.csrf(name) if name else "", "classes": classes, "project": project}
-
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     def label_page(request: Request) -> Response:
-        name = _name(request)
+        name = site.name(request)
         if name is None:
             return RedirectResponse("/login", 303)
-        claimed = claim_next(engine, name, claim_seconds)
-        status = snapshot(engine, classes)
-        context = {
-            **common(request, name),
-            "item": claimed,
-            "status": status,
-            "request_id": uuid.uuid4().hex,
-            "can_undo": _can_undo(name),
-        }
-        return templates.TemplateResponse(request, "label.html", context)
+        claimed = claim_next(engine, name, site.claim_seconds)
+        context = {"item": claimed, "status": snapshot(engine, classes), "request_id": uuid.uuid4().hex}
+        return site.page(request, "label.html", {**context, "can_undo": _has_labelled(engine, name)}, name)
 
-    def _can_undo(name: str) -> bool:
-        with db.read(engine) as conn:
-            return (
-                conn.execute(select(db.events.c.id).where(db.events.c.annotator == name).limit(1)).first() is not None
-            )
-
-    @app.get("/login", response_class=HTMLResponse)
+    @router.get("/login", response_class=HTMLResponse)
     def login_page(request: Request) -> Response:
-        return templates.TemplateResponse(request, "login.html", {**common(request, _name(request))})
+        return site.page(request, "login.html", {})
 
-    @app.post("/login")
+    @router.post("/login")
     def login(name: str = Form(...)) -> Response:
-        checked = check_name(name)
         response = RedirectResponse("/", 303)
-        response.set_cookie(
-            SESSION_COOKIE, signer.session(checked), httponly=True, samesite="strict", max_age=30 * 86400
-        )
+        session = site.signer.session(check_name(name))
+        response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict", max_age=30 * 86400)
         return response
 
-    @app.post("/logout")
+    @router.post("/logout")
     def logout(request: Request, csrf: str = Form("")) -> Response:
-        name = require(request, csrf)
-        from saal.app.claims import release
-
-        release(engine, name)
+        release(engine, site.require(request, csrf))
         response = RedirectResponse("/login", 303)
         response.delete_cookie(SESSION_COOKIE)
         return response
 
-    @app.post("/label")
+    @router.post("/label")
     def label(
         request: Request,
         item_id: int = Form(..., ge=0, le=MAX_ID),
@@ -236,11 +249,11 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         next: str = Form("/"),
         version: int | None = Form(None, ge=0, le=MAX_ID),  # the item's last_event as shown (409 if it changed)
     ) -> Response:
-        name = require(request, csrf)
+        name = site.require(request, csrf)
         labels.record_label(engine, item_id, label, classes, name, request_id or None, expected_event=version)
         return RedirectResponse(_safe_next(next), 303)
 
-    @app.post("/skip")
+    @router.post("/skip")
     def skip(
         request: Request,
         item_id: int = Form(..., ge=0, le=MAX_ID),
@@ -248,31 +261,41 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
         request_id: str | None = Form(None),
         version: int | None = Form(None, ge=0, le=MAX_ID),
     ) -> Response:
-        name = require(request, csrf)
+        name = site.require(request, csrf)
         labels.record_skip(engine, item_id, name, request_id or None, expected_event=version)
         return RedirectResponse("/", 303)
 
-    @app.post("/undo")
+    @router.post("/undo")
     def undo(request: Request, csrf: str = Form(""), request_id: str | None = Form(None)) -> Response:
-        name = require(request, csrf)
-        labels.undo_last(engine, name, claim_seconds, request_id or None)
+        labels.undo_last(engine, site.require(request, csrf), site.claim_seconds, request_id or None)
         return RedirectResponse("/", 303)
 
-    @app.post("/retrain")
+    @router.post("/retrain")
     def retrain(request: Request, csrf: str = Form(""), next: str = Form("/")) -> Response:
-        require(request, csrf)
+        site.require(request, csrf)
         with db.write(engine) as conn:
             db.set_meta(conn, "retrain_requested", time.time())
         return RedirectResponse(_safe_next(next), 303)
 
-    @app.get("/items/{item_id}", response_class=HTMLResponse)
-    def item_page(request: Request, item_id: int = PathParam(..., ge=0, le=MAX_ID)) -> Response:
-        row = labels.item(engine, item_id)
-        events = labels.history(engine, item_id)
-        context = {**common(request, _name(request)), "row": row, "events": events, "request_id": uuid.uuid4().hex}
-        return templates.TemplateResponse(request, "item.html", context)
+    return router
 
-    @app.get("/labelled", response_class=HTMLResponse)
+
+def _has_labelled(engine: Any, name: str) -> bool:
+    with db.read(engine) as conn:
+        return conn.execute(select(db.events.c.id).where(db.events.c.annotator == name).limit(1)).first() is not None
+
+
+def _page_routes(site: Site) -> APIRouter:
+    """The pages that read: an image's history, the labelled images with filters, the unreadable files."""
+    router = APIRouter()
+    engine = site.engine
+
+    @router.get("/items/{item_id}", response_class=HTMLResponse)
+    def item_page(request: Request, item_id: int = PathParam(..., ge=0, le=MAX_ID)) -> Response:
+        row, events = labels.item(engine, item_id), labels.history(engine, item_id)
+        return site.page(request, "item.html", {"row": row, "events": events, "request_id": uuid.uuid4().hex})
+
+    @router.get("/labelled", response_class=HTMLResponse)
     def labelled_page(
         request: Request, label: str = "", annotator: str = "", page: int = Query(1, le=MAX_PAGE)
     ) -> Response:
@@ -285,7 +308,6 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
                 str(a) for a in conn.execute(select(db.items.c.annotator).distinct()).scalars() if a is not None
             )
         context = {
-            **common(request, _name(request)),
             "rows": rows,
             "total": total,
             "page": page,
@@ -296,9 +318,9 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             "request_id": uuid.uuid4().hex,
             "here": str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
         }
-        return templates.TemplateResponse(request, "labelled.html", context)
+        return site.page(request, "labelled.html", context)
 
-    @app.get("/unreadable", response_class=HTMLResponse)
+    @router.get("/unreadable", response_class=HTMLResponse)
     def unreadable_page(request: Request) -> Response:
         with db.read(engine) as conn:
             rows = conn.execute(
@@ -306,16 +328,24 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
                 .where(db.items.c.readable.is_(False))
                 .order_by(db.items.c.path)
             ).all()
-        prefix = f"{project.root}{os.sep}"  # reasons recorded before they were made relative
-        listed = [(r.path, (r.error or "").replace(prefix, "")) for r in rows]
-        context = {**common(request, _name(request)), "rows": listed}
-        return templates.TemplateResponse(request, "unreadable.html", context)
+        prefix = f"{site.project.root}{os.sep}"  # reasons recorded before they were made relative
+        return site.page(
+            request, "unreadable.html", {"rows": [(r.path, (r.error or "").replace(prefix, "")) for r in rows]}
+        )
 
-    @app.get("/favicon.ico")
+    return router
+
+
+def _data_routes(site: Site) -> APIRouter:
+    """Files: the page icon, the project's images (those it lists, inside its folder only), the exports."""
+    router = APIRouter()
+    engine, project = site.engine, site.project
+
+    @router.get("/favicon.ico")
     def favicon() -> Response:
         return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/image/{file:path}")
+    @router.get("/image/{file:path}")
     def image(file: str) -> Response:
         try:
             path = project.resolve_image(file)
@@ -328,34 +358,36 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             raise labels.NotFound(f"{file!r} is not an image of this project")
         return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/export.csv")
+    @router.get("/export.csv")
     def export_csv() -> Response:
-        return StreamingResponse(
-            exchange.csv_chunks(engine),
-            media_type="text/csv",
-            headers={"Content-Disposition": 'attachment; filename="labels.csv"'},
-        )
+        disposition = {"Content-Disposition": 'attachment; filename="labels.csv"'}
+        return StreamingResponse(exchange.csv_chunks(engine), media_type="text/csv", headers=disposition)
 
-    @app.get("/export.json")
+    @router.get("/export.json")
     def export_json() -> Response:
-        return StreamingResponse(
-            exchange.json_chunks(engine),
-            media_type="application/json",
-            headers={"Content-Disposition": 'attachment; filename="labels.json"'},
-        )
+        disposition = {"Content-Disposition": 'attachment; filename="labels.json"'}
+        return StreamingResponse(exchange.json_chunks(engine), media_type="application/json", headers=disposition)
 
-    @app.get("/api/status")
+    return router
+
+
+def _api_routes(site: Site) -> APIRouter:
+    """The JSON API for scripts: status, the next image to label, a label."""
+    router = APIRouter(prefix="/api")
+    engine, classes = site.engine, site.classes
+
+    @router.get("/status")
     def api_status() -> Response:
         return JSONResponse(snapshot(engine, classes).as_json())
 
-    @app.get("/api/next")
+    @router.get("/next")
     def api_next(request: Request) -> Response:
-        name = _name(request)
+        name = site.name(request)
         if name is None:
             raise Refused("sign in first: POST /login with a name")
-        claimed = claim_next(engine, name, claim_seconds)
+        claimed = claim_next(engine, name, site.claim_seconds)
         if claimed is None:
-            return JSONResponse({"item": None, "csrf": signer.csrf(name)})
+            return JSONResponse({"item": None, "csrf": site.signer.csrf(name)})
         item = {
             "id": claimed.id,
             "file": claimed.path,
@@ -364,11 +396,11 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
             "picked_by": claimed.picked_by,
             "version": claimed.last_event or 0,
         }
-        return JSONResponse({"item": item, "csrf": signer.csrf(name)})
+        return JSONResponse({"item": item, "csrf": site.signer.csrf(name)})
 
-    @app.post("/api/label")
+    @router.post("/label")
     async def api_label(request: Request) -> Response:
-        name = require(request, request.headers.get("x-csrf-token"))
+        name = site.require(request, request.headers.get("x-csrf-token"))
         try:
             body = await request.json()
             item_id, label, request_id = int(body["item_id"]), str(body["label"]), body.get("request_id")
@@ -377,10 +409,8 @@ def create_app(project: Project, *, token: str | None = None, loopback: bool = T
                 raise ValueError(item_id)
         except (ValueError, KeyError, TypeError, OverflowError):
             raise SaalError('give a JSON body {"item_id": N, "label": "class", "request_id": "..."}') from None
-        from starlette.concurrency import run_in_threadpool
-
         record = partial(labels.record_label, expected_event=version)  # "version": as /api/next gave it (optional)
         recorded = await run_in_threadpool(record, engine, item_id, label, classes, name, request_id)
         return JSONResponse({"event_id": recorded.event_id, "repeated": recorded.repeated})
 
-    return app
+    return router

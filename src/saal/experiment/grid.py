@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import saal.experiment.storage as storage
 from saal.data import DatasetBundle, load_dataset
 from saal.errors import RunInProgress, SaalError
-from saal.experiment import storage
 from saal.experiment.folder_lock import folder_lock
 from saal.experiment.loop import ActiveLearningRun, RoundResult, build_run_strategy, describe_run, load_run_bundle
 from saal.models import build_model

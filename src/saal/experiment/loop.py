@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
+import saal.experiment.storage as storage
 from saal.core.acquisition_service import acquire
 from saal.data import DatasetBundle, load_dataset
 from saal.errors import RunInProgress, SaalError
-from saal.experiment import storage
 from saal.experiment.folder_lock import folder_lock
 from saal.models import build_model
 from saal.pool import Pool, initial_indices

@@ -41,6 +41,7 @@ One job per module: :mod:`~saal.report.runs` reads run folders, :mod:`~saal.repo
 
 from __future__ import annotations
 
+from saal.report.area import aubc, normalised_auc
 from saal.report.build import CSV_FILES, build_report
 from saal.report.plots import plot_against_baseline, plot_curves, plot_penalty
 from saal.report.runs import (
@@ -62,12 +63,10 @@ from saal.report.statistics import (
     BudgetChoice,
     PairedTest,
     PenaltyMatrix,
-    aubc,
     aubc_by_regime,
     combined_penalty,
     compare,
     mean_std,
-    normalised_auc,
     paired_test,
     paired_values,
     penalty_matrix,

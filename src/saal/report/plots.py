@@ -150,11 +150,14 @@ def plot_against_baseline(groups: Sequence[Group], path: Path, alpha: float = AL
         for ax in axes.flat:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, handle)
+        bottom = 0.0
         if handles:
-            fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)),
-                       fontsize=7, frameon=False)  # fmt: skip
+            legend = fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)),
+                                fontsize=7, frameon=False)  # fmt: skip
+            fig.canvas.draw()  # the legend's height (its rows) decides the room the panels leave below them
+            bottom = legend.get_window_extent().height / fig.bbox.height + 0.01
         fig.suptitle(f"Difference to {BASELINE}: mean over seeds, {100 * (1 - alpha):g} % CI shaded", fontsize=10)
-        fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.96))
+        fig.tight_layout(rect=(0, bottom, 1, 0.96))
         fig.savefig(path)
     finally:
         plt.close(fig)

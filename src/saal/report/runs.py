@@ -27,7 +27,7 @@ from saal.experiment.storage import (
     setting_defaults,
     with_defaults,
 )
-from saal.report.statistics import aubc
+from saal.report.area import aubc
 
 # config.json keys that say which run it is, where it ran, or describe it, rather than which protocol it follows.
 _RUN_IDENTITY = frozenset(RUN_KEYS) | INFORMATIONAL | RESUME_IGNORED
@@ -80,7 +80,7 @@ class RunRecord:
 
     def auc(self) -> float:
         """Return the run's AUBC: the area under its metric curve from the first nonzero labelled count to the
-        last, divided by that range (:func:`saal.report.statistics.aubc`)."""
+        last, divided by that range (:func:`saal.report.area.aubc`)."""
         return aubc(self.labelled, self.scores)
 
     def acquire_seconds(self) -> float:

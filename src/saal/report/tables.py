@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from saal.experiment.storage import DEFAULT_METRIC
+from saal.report.area import aubc
 from saal.report.runs import Group, RunRecord, used_by
 from saal.report.statistics import (
     BASELINE,
     BudgetChoice,
     PairedTest,
     PenaltyMatrix,
-    aubc,
     compare,
     mean_std,
 )

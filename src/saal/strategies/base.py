@@ -21,6 +21,30 @@ if TYPE_CHECKING:
     from saal.training import TrainingHook
 
 
+def check_count(name: str, value: Any, low: int = 1) -> int:
+    """Return a strategy option that must be an integer ``>= low``, as an int.
+
+    Raises:
+        SaalError: anything else, in one line naming the option.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
+        raise SaalError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_optional_count(name: str, value: Any, low: int = 1) -> int | None:
+    """Return :func:`check_count` of ``value``, or None when it is None.
+
+    Raises:
+        SaalError: anything else, in one line naming the option.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
+        raise SaalError(f"{name} must be an integer >= {low} or None, got {value!r}")
+    return int(value)
+
+
 @dataclass
 class Selection:
     """What a strategy chose, and why.

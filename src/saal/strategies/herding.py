@@ -48,13 +48,14 @@ from saal.core.scan import Batch, scan
 from saal.core.seeding import derive_seed
 from saal.errors import SaalError
 from saal.pool import Pool
-from saal.strategies.base import Selection, Strategy
+from saal.strategies.base import Selection, Strategy, check_count, check_optional_count
 from saal.strategies.embedding_input import (
     check_embedding_option,
     describe_embedding,
     l2_normalise,
     pool_embeddings,
 )
+from saal.strategies.saal import with_defaults
 
 if TYPE_CHECKING:
     from saal.settings import TrainConfig
@@ -93,17 +94,6 @@ def check_bandwidth(value: Any, *, allow_auto: bool = False) -> float | str:
         also = " or auto" if allow_auto else ""
         raise SaalError(f"bandwidth must be a positive number{also} (the Gaussian kernel's sigma), got {value!r}")
     return float(value)
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is an integer ``>= minimum``.
-
-    Raises:
-        SaalError: otherwise.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SaalError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -598,9 +588,7 @@ class UncertaintyHerding(MaxHerding):
         self.bandwidth = check_bandwidth(bandwidth, allow_auto=True)
         self.uncertainty = check_option("uncertainty", uncertainty, UNCERTAINTIES)
         self.temperature = _check_temperature(temperature)
-        self.calibration_epochs = (
-            None if calibration_epochs is None else check_count("calibration_epochs", calibration_epochs)
-        )
+        self.calibration_epochs = check_optional_count("calibration_epochs", calibration_epochs)
         self.rho = check_rho(rho)
         self.perturbation = check_option("perturbation", perturbation, PERTURBATIONS)
         self.scope = check_option("scope", scope, SCOPES)
@@ -666,29 +654,11 @@ class SAALHerding(UncertaintyHerding):
     name = "saal-herding"
     cold_start: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        uncertainty: str = "saal",
-        temperature: float | str = "auto",
-        calibration_epochs: int | None = None,
-        bandwidth: float | str = "auto",
-        rho: float = 0.05,
-        perturbation: str = "asam",
-        scope: str = "all",
-        embedding: str | np.ndarray = "auto",
-        exact_limit: int = EXACT_LIMIT,
-        candidate_sample: int = CANDIDATE_SAMPLE,
-        coverage_sample: int = COVERAGE_SAMPLE,
-        batch_size: int = 256,
-        subset: int | None = None,
-    ) -> None:
-        super().__init__(
-            uncertainty=uncertainty, temperature=temperature, calibration_epochs=calibration_epochs,
-            bandwidth=bandwidth, rho=rho, perturbation=perturbation, scope=scope, embedding=embedding,
-            exact_limit=exact_limit, candidate_sample=candidate_sample, coverage_sample=coverage_sample,
-            batch_size=batch_size, subset=subset,
-        )  # fmt: skip
+
+# the same options as UncertaintyHerding, the uncertainty defaulting to SAAL's (its signature says so)
+SAALHerding.__init__ = with_defaults(  # type: ignore[method-assign]
+    UncertaintyHerding.__init__, {"uncertainty": "saal"}, SAALHerding.__qualname__
+)
 
 
 def _check_temperature(value: Any) -> float | str:

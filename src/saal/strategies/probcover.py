@@ -13,7 +13,7 @@ from saal.core.model_state import model_device
 from saal.core.seeding import derive_seed
 from saal.errors import SaalError
 from saal.pool import Pool
-from saal.strategies.base import Selection, Strategy
+from saal.strategies.base import Selection, Strategy, check_optional_count
 from saal.strategies.embedding_input import (
     check_embedding_option,
     describe_embedding,
@@ -21,7 +21,6 @@ from saal.strategies.embedding_input import (
     pool_embeddings,
 )
 from saal.strategies.neighbours import nearest_other, radius_any, radius_counts, radius_members
-from saal.strategies.typiclust import check_count
 
 # The radii tried by the purity rule: multiples of DELTA_STEP (0.05, 0.10, ..., as the paper's grid).
 DELTA_STEP = 0.05
@@ -185,8 +184,8 @@ class ProbCover(Strategy):
             raise SaalError(f"probcover purity must be a number in (0, 1], got {purity!r}")
         self.delta = None if delta is None else float(delta)
         self.purity = float(purity)
-        self.sample = check_count("probcover sample", sample, 1, allow_none=True)
-        self.pickable = check_count("probcover candidates", candidates, 1, allow_none=True)
+        self.sample = check_optional_count("probcover sample", sample)
+        self.pickable = check_optional_count("probcover candidates", candidates)
 
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator

@@ -13,7 +13,7 @@ from saal.core.model_state import model_device
 from saal.core.seeding import derive_seed
 from saal.errors import SaalError
 from saal.pool import Pool
-from saal.strategies.base import Selection, Strategy
+from saal.strategies.base import Selection, Strategy, check_count, check_optional_count
 from saal.strategies.embedding_input import (
     check_embedding_option,
     describe_embedding,
@@ -27,20 +27,6 @@ KMEANS_UP_TO = 50
 MINIBATCH_SIZE = 5000
 # Added to the mean neighbour distance before inverting it (the official code's constant).
 TYPICALITY_EPS = 1e-5
-
-
-def check_count(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
-    """Return ``value`` as an int when it is an integer ``>= low`` (or None when allowed).
-
-    Raises:
-        SaalError: anything else (one line naming the option).
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
-        extra = " or None" if allow_none else ""
-        raise SaalError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
-    return int(value)
 
 
 def cluster_labels(points: np.ndarray, clusters: int, seed: int) -> np.ndarray:
@@ -223,11 +209,11 @@ class TypiClust(Strategy):
         super().__init__(batch_size=batch_size, subset=subset)
         self.embedding = check_embedding_option(embedding)
         self.normalise = bool(normalise)
-        self.max_clusters = int(check_count("typiclust max_clusters", max_clusters, 1) or 0)
-        self.min_cluster_size = int(check_count("typiclust min_cluster_size", min_cluster_size, 0) or 0)
-        self.knn = int(check_count("typiclust knn", knn, 1) or 0)
-        self.sample = check_count("typiclust sample", sample, 1, allow_none=True)
-        self.typicality_candidates = check_count("typiclust candidates", candidates, 1, allow_none=True)
+        self.max_clusters = check_count("typiclust max_clusters", max_clusters, 1)
+        self.min_cluster_size = check_count("typiclust min_cluster_size", min_cluster_size, 0)
+        self.knn = check_count("typiclust knn", knn, 1)
+        self.sample = check_optional_count("typiclust sample", sample)
+        self.typicality_candidates = check_optional_count("typiclust candidates", candidates)
 
     def query(
         self, model: nn.Module, pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator
