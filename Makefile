@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest worker processes (pytest-xdist), one per core of the 2-core machine; each uses one torch thread.
+WORKERS ?= 2
 
 # `make test-labelstudio`: the tests against a real Label Studio (the PyPI package, pinned below, in its own venv
 # .venv-labelstudio: its Django-era pins never touch .venv), started by the tests themselves.
@@ -28,10 +30,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python tools/check_function_length.py
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS)
 
 test-fast: lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
 
 $(LS_STAMP):
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
